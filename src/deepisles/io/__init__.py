@@ -1,0 +1,1 @@
+"""Reading, validating and atomically writing images; knows nothing about models."""
