@@ -7,6 +7,12 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from deepisles.api import evaluate, segment  # noqa: E402
-
 __all__ = ["__version__", "segment", "evaluate"]
+
+
+def __getattr__(name):  # lazy: `import deepisles` stays cheap, the API pulls in the pipeline
+    if name in ("segment", "evaluate"):
+        from deepisles import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real ISLES'22 case (skipped cleanly when absent) and temp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def isles22_dir() -> Path:
+    env = os.environ.get("DEEPISLES_ISLES22_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "isles22"
+
+
+@pytest.fixture(scope="session")
+def isles22_case() -> dict[str, Path]:
+    """Paths of the real ISLES'22 case sub-strokecase0001 (dwi, adc, msk, reference)."""
+    root = isles22_dir() / "sub-strokecase0001"
+    files = {
+        "dwi": root / "sub-strokecase0001_ses-0001_dwi.nii.gz",
+        "adc": root / "sub-strokecase0001_ses-0001_adc.nii.gz",
+        "msk": root / "sub-strokecase0001_ses-0001_msk.nii.gz",
+        "reference": root / "reference-deepisles-dwi-adc-only_lesion_msk.nii.gz",
+    }
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        pytest.skip(f"real ISLES'22 sample data not found ({missing[0]}); set DEEPISLES_ISLES22_DIR")
+    return files
+
+
+@pytest.fixture(scope="session")
+def isles22_masks_only() -> list[Path]:
+    root = isles22_dir() / "masks-only"
+    files = sorted(root.glob("*_msk.nii.gz")) if root.exists() else []
+    if not files:
+        pytest.skip(f"real ISLES'22 masks not found under {root}")
+    return files
