@@ -1,0 +1,5 @@
+"""`python -m deepisles` runs the CLI."""
+
+from deepisles.cli import main
+
+main()

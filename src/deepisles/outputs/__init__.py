@@ -1,0 +1,1 @@
+"""What a run leaves behind: mask/probability files, report.json, preview.png."""

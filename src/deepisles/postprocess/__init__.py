@@ -1,0 +1,1 @@
+"""Post-processing of the ensemble mask: connected lesions and their measurements."""
