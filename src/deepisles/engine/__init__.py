@@ -1,0 +1,1 @@
+"""Inference engine shared by all members: sliding window, test-time flips, device and precision."""

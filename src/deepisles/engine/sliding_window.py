@@ -1,0 +1,169 @@
+"""Sliding-window inference with batched windows, the window placements and blending weights of
+nnU-Net v1 and MONAI, and batched test-time mirroring.
+
+Members choose the placement rule (``nnunet_starts`` or ``monai_starts``) and the weighting
+(``nnunet_gaussian``, ``monai_gaussian`` or ``constant``) that their reference implementation uses, so
+that results match it; the accumulation loop is the same for all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- window placement ---------------------------------------------------------------------------
+def nnunet_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """nnU-Net v1 `_compute_steps_for_sliding_window` along one axis (image already >= patch)."""
+    if size < patch:
+        raise ValueError("pad the image to at least the patch size first")
+    target = patch * step
+    num = int(np.ceil((size - patch) / target)) + 1
+    if num == 1:
+        return [0]
+    actual = (size - patch) / (num - 1)
+    return [int(np.round(actual * i)) for i in range(num)]
+
+
+def monai_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """MONAI `dense_patch_slices` with `_get_scan_interval` along one axis (image already >= patch)."""
+    if size < patch:
+        raise ValueError("pad the image to at least the patch size first")
+    interval = patch if patch == size else max(int(patch * (1 - overlap)), 1)
+    num = int(np.ceil(size / interval))
+    count = next((d + 1 for d in range(num) if d * interval + patch >= size), 1)
+    return [i * interval - max(i * interval + patch - size, 0) for i in range(count)]
+
+
+# --- padding ------------------------------------------------------------------------------------
+def pad_to_patch(x: torch.Tensor, patch: Sequence[int], value: float = 0.0) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial axes of ``x`` (C, *S) to at least ``patch``: half below, the rest above
+    (nnU-Net's `pad_nd_image` and MONAI's sliding window agree on this). Returns the slicer undoing it."""
+    spatial = x.shape[1:]
+    pads, slicer = [], [slice(None)]
+    for s, p in zip(spatial, patch, strict=True):
+        diff = max(p - s, 0)
+        lo = diff // 2
+        pads.append((lo, diff - lo))
+        slicer.append(slice(lo, lo + s))
+    if any(a or b for a, b in pads):
+        flat = [v for a, b in reversed(pads) for v in (a, b)]
+        x = torch.nn.functional.pad(x, flat, mode="constant", value=value)
+    return x, tuple(slicer)
+
+
+# --- blending weights ---------------------------------------------------------------------------
+def nnunet_gaussian(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """nnU-Net v1 `_get_gaussian`: a Gaussian-filtered delta, max 1, zeros raised to the smallest nonzero."""
+    tmp = np.zeros(patch)
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
+    g = g / np.max(g)
+    g = g.astype(np.float32)
+    g[g == 0] = np.min(g[g != 0])
+    return torch.from_numpy(g)
+
+
+def monai_gaussian(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """MONAI `compute_importance_map(mode='gaussian')`: separable exp(-x^2/2s^2), clamped at >= 1e-3."""
+    g = None
+    for i, p in enumerate(patch):
+        x = torch.arange(-(p - 1) / 2.0, (p - 1) / 2.0 + 1, dtype=torch.float32)
+        x = torch.exp(x**2 / (-2 * (p * sigma_scale) ** 2))
+        g = x if i == 0 else g.unsqueeze(-1) * x[(None,) * i]
+    return torch.clamp(g, min=max(float(g.min()), 1e-3))
+
+
+def constant(patch: Sequence[int]) -> torch.Tensor:
+    return torch.ones(tuple(patch), dtype=torch.float32)
+
+
+# --- precision ----------------------------------------------------------------------------------
+def autocast(device: torch.device | str, amp: bool):
+    """bf16/fp16 autocast on CUDA when ``amp``; plain fp32 elsewhere."""
+    device = torch.device(device)
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+# --- test-time mirroring ------------------------------------------------------------------------
+def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """All subsets of the spatial axes to flip, identity first (nnU-Net's 8 mirrors for 3 axes)."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def with_mirroring(
+    predict: Predict,
+    axes: Sequence[int] = (0, 1, 2),
+    nonlin: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_batch: int | None = None,
+) -> Predict:
+    """Wrap ``predict`` so each window batch is run under every flip of ``axes`` (spatial axes, 0-based),
+    in one batch (chunked to ``max_batch``), ``nonlin`` applied per flip, un-flipped and averaged."""
+    flips = mirror_sets(axes)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        batch = torch.cat([x.flip([a + 2 for a in f]) if f else x for f in flips], 0)
+        step = max_batch or batch.shape[0]
+        outs = torch.cat([predict(batch[i : i + step]) for i in range(0, batch.shape[0], step)], 0)
+        if nonlin is not None:
+            outs = nonlin(outs)
+        acc = None
+        for k, f in enumerate(flips):
+            o = outs[k * b : (k + 1) * b].float()
+            o = o.flip([a + 2 for a in f]) if f else o
+            acc = o if acc is None else acc + o
+        return acc / len(flips)
+
+    return run
+
+
+# --- the loop -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def sliding_window(
+    image: torch.Tensor,
+    predict: Predict,
+    patch: Sequence[int],
+    starts: Sequence[Sequence[int]],
+    importance: torch.Tensor,
+    out_channels: int,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Blend ``predict`` over windows of ``image`` (C, *S), already padded to >= patch.
+
+    ``starts`` lists the window start per spatial axis; windows are sent to ``device`` in batches of
+    ``batch_size``. Returns the weighted average (out_channels, *S), float32, on ``device``.
+    """
+    device = torch.device(device)
+    spatial = tuple(image.shape[1:])
+    patch = tuple(int(p) for p in patch)
+    image = image.to(device)
+    w = importance.to(device=device, dtype=torch.float32)
+    acc = torch.zeros((out_channels, *spatial), dtype=torch.float32, device=device)
+    norm = torch.zeros(spatial, dtype=torch.float32, device=device)
+    windows = list(itertools.product(*starts))
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        sl = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in chunk]
+        batch = torch.stack([image[(slice(None), *s)] for s in sl])
+        with autocast(device, amp):
+            out = predict(batch)
+        out = out.float()
+        for k, s in enumerate(sl):
+            acc[(slice(None), *s)] += out[k] * w
+            norm[s] += w
+        if progress:
+            progress(min(i + batch_size, len(windows)), len(windows))
+    return acc / norm

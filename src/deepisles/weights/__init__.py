@@ -1,0 +1,1 @@
+"""Weight store (safetensors + JSON per member), official-weight import and download."""

@@ -1,0 +1,104 @@
+"""The weight store: one folder per member under ``$DEEPISLES_HOME/weights/<member>/``.
+
+Each member folder holds ``member.json`` (format version, member name, source, inputs in network order,
+preprocessing and architecture configuration, and the SHA-256 of every weight file) and its weight files:
+``*.safetensors`` (tensors only, no pickles) or ``*.ts`` (TorchScript, NVAUTO). Folders are written to a
+temporary sibling and renamed into place, so an interrupted import leaves no half-written member.
+Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from deepisles.errors import DeepIslesError
+
+STORE_FORMAT = 1
+MEMBER_FILE = "member.json"
+
+
+def home() -> Path:
+    """``$DEEPISLES_HOME`` if set, else ``~/.deepisles``."""
+    env = os.environ.get("DEEPISLES_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".deepisles"
+
+
+def weights_dir() -> Path:
+    return home() / "weights"
+
+
+def member_dir(name: str) -> Path:
+    return weights_dir() / name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def installed_members() -> list[str]:
+    root = weights_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / MEMBER_FILE).is_file())
+
+
+def read_member(name: str, verify: bool = False) -> tuple[dict, Path]:
+    """The member's config and folder; ``verify`` re-checks every file's SHA-256."""
+    folder = member_dir(name)
+    meta_path = folder / MEMBER_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no weights for member {name} in {weights_dir()}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeepIslesError(f"{meta_path}: corrupt member description ({exc.msg})") from None
+    if meta.get("format") != STORE_FORMAT:
+        raise DeepIslesError(f"{meta_path}: store format {meta.get('format')} is not {STORE_FORMAT}; re-import")
+    for fname, digest in meta.get("files", {}).items():
+        f = folder / fname
+        if not f.is_file():
+            raise DeepIslesError(f"{f}: weight file missing; re-import member {name}")
+        if verify and sha256_file(f) != digest:
+            raise DeepIslesError(f"{f}: checksum mismatch; re-import member {name}")
+    return meta, folder
+
+
+def write_member(name: str, meta: dict, files: dict[str, callable], overwrite: bool = False) -> Path:
+    """Create ``weights/<name>/`` atomically.
+
+    ``files`` maps each file name to a function writing that file to a given path. Checksums are computed
+    after writing and recorded in ``member.json``.
+    """
+    dest = member_dir(name)
+    if dest.exists() and not overwrite:
+        raise DeepIslesError(f"{dest}: member {name} is already installed; pass --overwrite to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:
+        digests = {}
+        for fname, writer in files.items():
+            writer(tmp / fname)
+            digests[fname] = sha256_file(tmp / fname)
+        full = {"format": STORE_FORMAT, "member": name, **meta, "files": digests}
+        (tmp / MEMBER_FILE).write_text(json.dumps(full, indent=2) + "\n")
+        if dest.exists():
+            old = dest.with_name(f".{name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
