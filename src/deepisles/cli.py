@@ -167,6 +167,90 @@ def demo(
     )
 
 
+weights_app = typer.Typer(help="Manage model weights: import the official DeepISLES weights, list, download.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("import")
+@_friendly
+def weights_import(
+    path: Annotated[Path, typer.Argument(help="Unpacked official weight folder (holding weights/) or stroke_ensemble_weights.7z.")],
+    members: Annotated[str, typer.Option("--members", help="Comma-separated subset of seals,nvauto,factorizer.")] = "seals,nvauto,factorizer",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace members already imported.")] = False,
+) -> None:
+    """Convert the official weights into deepisles' store (safetensors + JSON) under $DEEPISLES_HOME.
+
+    This is the only step that reads the official pickled checkpoints; segmentation never unpickles."""
+    from deepisles.weights.importer import import_weights
+    from deepisles.weights.store import weights_dir
+
+    names = tuple(m.strip() for m in members.split(",") if m.strip())
+    results = import_weights(path, names, overwrite=overwrite, say=lambda m: err.print(m, highlight=False))
+    for name, where in results.items():
+        out.print(f"{name}: {where}")
+    out.print(f"store: {weights_dir()}")
+
+
+@weights_app.command("list")
+@_friendly
+def weights_list() -> None:
+    """List the members installed in the store."""
+    from deepisles.weights import store
+
+    table = Table(title=f"weights in {store.weights_dir()}")
+    for col in ("member", "models", "source", "size (MB)"):
+        table.add_column(col)
+    for name in store.installed_members():
+        meta, folder = store.read_member(name)
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+        table.add_row(name, str(len(meta.get("files", {}))), str(meta.get("source", "")), f"{size:.1f}")
+    out.print(table)
+
+
+@weights_app.command("info")
+@_friendly
+def weights_info(
+    member: Annotated[str, typer.Argument(help="Member name (seals, nvauto, factorizer).")],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-check every file's SHA-256.")] = False,
+) -> None:
+    """Show a member's stored description (inputs, preprocessing, architecture, files)."""
+    import json
+
+    from deepisles.weights import store
+
+    try:
+        meta, folder = store.read_member(member, verify=verify)
+    except FileNotFoundError as exc:
+        raise DeepIslesError(str(exc)) from None
+    out.print_json(json.dumps(meta))
+    out.print(f"folder: {folder}" + ("; checksums verified" if verify else ""))
+
+
+@weights_app.command("download")
+@_friendly
+def weights_download(
+    dest: Annotated[Path, typer.Option("-o", "--output", help="Where to save the archive.")] = Path("stroke_ensemble_weights.7z"),
+    url: Annotated[str | None, typer.Option("--url", help="Archive URL (default: from the Zenodo record).")] = None,
+    checksum: Annotated[str | None, typer.Option("--checksum", help="md5:<hex> or sha256:<hex> (default: from the Zenodo record).")] = None,
+    record: Annotated[str | None, typer.Option("--record", help="Zenodo API record URL.")] = None,
+) -> None:
+    """Download the official DeepISLES weights (~9.1 GB, resumable, checksum-verified), then run `weights import`."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from deepisles.weights.download import ZENODO_API, download, resolve_archive
+
+    size = None
+    if url is None or checksum is None:
+        info = resolve_archive(record or ZENODO_API)
+        url, checksum, size = url or info["url"], checksum or info["checksum"], info["size"]
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err) as bar:
+        task = bar.add_task("downloading", total=size)
+        path = download(url, dest, checksum, size=size, progress=lambda n, t: bar.update(task, completed=n, total=t))
+    out.print(f"saved {path}; next: deepisles weights import {path}")
+
+
 @app.command()
 def version() -> None:
     """Print the deepisles version."""
