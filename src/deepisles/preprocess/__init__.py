@@ -1,0 +1,1 @@
+"""Preprocessing: ADC units, resampling, FLAIR registration, brain masks."""
