@@ -1,0 +1,376 @@
+"""NVAUTO member: the ISLES'22 NVAUTO ensemble (15 MONAI SegResNets, TorchScript) as DeepISLES runs it.
+
+The reference is DeepISLES ``src/NVAUTO/process.py`` on MONAI 0.9.0. Per case it
+
+1. stacks [ADC, DWI] as channels (ADC first) on the DWI grid;
+2. ``Spacingd(pixdim=1 mm, mode="bilinear")``: MONAI 0.9.0 keeps the rotation of the affine
+   (``diagonal=False``), scales its columns to 1 mm (``zoom_affine``), keeps the centre of the *first voxel*
+   (``compute_shape_offset``: the offset is the input corner that is lowest in the new grid) and gives each
+   axis ``round((n - 1) * spacing + 1)`` voxels; trilinear sampling, ``padding_mode="border"``,
+   ``align_corners=False``, affines in float32 and sampling in float64. (MONAI 1.x centres the new grid
+   on the old field of view instead, which moves the 1 mm grid by a fraction of a voxel.)
+3. ``NormalizeIntensityd(nonzero=True, channel_wise=True)``: z-score of the non-zero voxels per channel
+   (population standard deviation);
+4. ``SlidingWindowInferer(roi_size=(192, 192, 128), overlap=0.625, mode="gaussian", sw_batch_size=2)``:
+   zero padding to the ROI, MONAI window placement, MONAI 0.9.0's Gaussian importance map (a delta at
+   ``size // 2`` blurred with the erf-discretised Gaussian, sigma = 0.125 * size, clamped at >= 1e-3),
+   logits blended in float32, fp16 autocast on CUDA, no test-time flips;
+5. softmax per model, ``Invertd``: the inverse ``Spacing`` resamples the probabilities back onto the DWI
+   grid (same rules, target spacing = the column norms of the DWI affine, shape = the DWI shape);
+6. mean over the models, argmax.
+
+``predict`` follows the same order of operations (each model's softmax inverted, summed in float32, divided
+by the number of models) and returns the mean foreground probability on the DWI grid, nudged by at most a
+few ulps where needed so that ``>= 0.5`` is exactly the reference argmax (ties go to background).
+
+``fast=True`` (no counterpart in DeepISLES, which skips NVAUTO in its fast mode) runs the subset of models
+listed as ``fast_models`` in ``member.json`` (by default 5 of the 15: models 0, 3, 6, 9, 12).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepisles.engine.sliding_window import monai_starts, pad_to_patch, sliding_window
+from deepisles.members.base import Case, Member, MemberUnavailable
+
+log = logging.getLogger(__name__)
+
+NAME = "nvauto"
+AFFINE_TOL = 1e-3  # monai.data.utils.AFFINE_TOL (0.9.0)
+
+# The reference configuration (DeepISLES src/NVAUTO/process.py); the importer stores it in member.json.
+DEFAULT_CONFIG: dict = {
+    "inputs": ["adc", "dwi"],
+    "pixdim": [1.0, 1.0, 1.0],
+    "resample": {"mode": "bilinear", "padding_mode": "border", "align_corners": False, "monai": "0.9.0"},
+    "normalize": {"nonzero": True, "channel_wise": True},
+    "roi_size": [192, 192, 128],
+    "overlap": 0.625,
+    "blend_mode": "gaussian",
+    "sigma_scale": 0.125,
+    "sw_batch_size": 2,
+    "pad_value": 0.0,
+    "amp": True,
+    "out_channels": 2,
+    "foreground_channel": 1,
+    "fast_models": [0, 3, 6, 9, 12],
+}
+
+
+# --- MONAI 0.9.0 Spacing ------------------------------------------------------------------------
+def affine_to_spacing(affine: np.ndarray) -> np.ndarray:
+    """Column norms of the 3x3 part (``monai.data.utils.affine_to_spacing``, zeros -> 1)."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sp = np.sqrt(np.sum(a * a, axis=0))
+    sp[sp == 0] = 1.0
+    return sp
+
+
+def zoom_affine(affine: np.ndarray, scale: Sequence[float]) -> np.ndarray:
+    """``monai.data.utils.zoom_affine(diagonal=False)`` of 0.9.0: keep the rotation, set the zooms, drop the
+    shear and the translation."""
+    affine = np.array(affine, dtype=float, copy=True)
+    norm = affine_to_spacing(affine)
+    s = np.array(scale, dtype=float, copy=True)[:3]
+    s = np.where(s > 0, s, norm)
+    rzs = affine[:-1, :-1]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    s = np.sign(np.diag(zs)) * np.abs(s)
+    new = np.eye(4)
+    new[:-1, :-1] = rotation @ np.diag(s)
+    return new
+
+
+def compute_shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray):
+    """``monai.data.utils.compute_shape_offset`` of 0.9.0: the output shape covering the input corners and,
+    as offset, the world position of the input corner that is lowest along every output axis (the centre
+    of the first voxel when the axes keep their directions)."""
+    shape = np.array(shape, dtype=float)
+    in_coords = [(0.0, d - 1.0) for d in shape]
+    corners = np.asarray(np.meshgrid(*in_coords, indexing="ij")).reshape((len(shape), -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners = np.asarray(in_affine, dtype=np.float64) @ corners
+    inv_mat = np.linalg.inv(np.asarray(out_affine, dtype=np.float64))
+    corners_out = inv_mat @ corners
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    mat = inv_mat[:-1, :-1]
+    k = 0
+    for i in range(corners.shape[1]):
+        min_corner = np.min(mat @ corners[:-1, :] - mat @ corners[:-1, i : i + 1], 1)
+        if np.allclose(min_corner, 0.0, rtol=AFFINE_TOL):
+            k = i
+            break
+    return out_shape.astype(int), corners[:-1, k]
+
+
+def spacing_target(shape: Sequence[int], affine: np.ndarray, pixdim: Sequence[float]):
+    """Target affine (float64) and shape of MONAI 0.9.0 ``Spacing(pixdim, diagonal=False)``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    new = zoom_affine(affine, pixdim)
+    out_shape, offset = compute_shape_offset(shape, affine, new)
+    new[:3, 3] = offset
+    return new, tuple(int(s) for s in out_shape)
+
+
+def _normalize_transform(shape: Sequence[int]) -> torch.Tensor:
+    """``monai.networks.utils.normalize_transform(align_corners=False)``: index -> [-1, 1]."""
+    n = torch.tensor(list(shape), dtype=torch.float64)
+    n[n <= 0.0] = 2.0
+    norm = torch.diag(torch.cat((2.0 / n, torch.ones(1, dtype=torch.float64))))
+    norm[:-1, -1] = 1.0 / torch.tensor(list(shape), dtype=torch.float64) - 1.0
+    return norm
+
+
+def resample(
+    img: torch.Tensor,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    out_shape: Sequence[int],
+    mode: str = "bilinear",
+    padding_mode: str = "border",
+) -> torch.Tensor:
+    """``SpatialResample`` of MONAI 0.9.0 (align_corners=False, computation dtype float64).
+
+    ``img`` is (C, *S); returns (C, *out_shape) float32 on ``img``'s device. As in 0.9.0 the affines are
+    cast to float32 before ``xform = solve(src, dst)`` and nothing is resampled when the grids agree
+    within ``AFFINE_TOL``.
+    """
+    in_shape = tuple(int(s) for s in img.shape[1:])
+    out_shape = tuple(int(s) for s in out_shape)
+    src = np.asarray(src_affine, dtype=np.float64)
+    dst32 = np.asarray(dst_affine, dtype=np.float64).astype(np.float32)
+    if np.allclose(src, dst32, atol=AFFINE_TOL) and in_shape == out_shape:
+        return img.float()
+    xform = np.linalg.solve(src.astype(np.float32), dst32)
+    if np.allclose(xform, np.eye(4), atol=AFFINE_TOL) and in_shape == out_shape:
+        return img.float()
+    theta = torch.as_tensor(xform, dtype=torch.float64)
+    theta = _normalize_transform(in_shape) @ theta @ torch.inverse(_normalize_transform(out_shape))
+    rev = [2, 1, 0]
+    theta[:3] = theta[rev]
+    theta[:, :3] = theta[:, rev]
+    theta = theta.to(img.device)
+    grid = F.affine_grid(theta[None, :3], size=[1, img.shape[0], *out_shape], align_corners=False)
+    out = F.grid_sample(
+        img[None].to(torch.float64), grid, mode=mode, padding_mode=padding_mode, align_corners=False
+    )
+    return out[0].float()
+
+
+# --- MONAI 0.9.0 NormalizeIntensity / importance map ---------------------------------------------
+def normalize_nonzero(img: torch.Tensor) -> torch.Tensor:
+    """``NormalizeIntensity(nonzero=True, channel_wise=True)`` of 0.9.0, in place on a float32 (C, *S)."""
+    for c in range(img.shape[0]):
+        x = img[c]
+        m = x != 0
+        if not bool(m.any()):
+            continue
+        v = x[m]
+        mean = torch.mean(v.float()).item()
+        std = torch.std(v.float(), unbiased=False).item()
+        if std == 0.0:
+            std = 1.0
+        x[m] = (v - mean) / std
+    return img
+
+
+def _gaussian_1d_erf(sigma: float, truncated: float = 4.0) -> torch.Tensor:
+    """``monai.networks.layers.convutils.gaussian_1d(approx="erf")`` (0.9.0), float32, not normalised."""
+    s = torch.as_tensor(sigma, dtype=torch.float)
+    tail = int(max(float(s) * truncated, 0.5) + 0.5)
+    x = torch.arange(-tail, tail + 1, dtype=torch.float)
+    t = 0.70710678 / torch.abs(s)
+    return (0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())).clamp(min=0)
+
+
+def monai09_gaussian(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Importance map of MONAI 0.9.0 sliding windows (``compute_importance_map(mode="gaussian")`` followed by
+    the clamp in ``sliding_window_inference``).
+
+    0.9.0 blurs a delta at ``size // 2`` with ``GaussianFilter`` (erf-discretised kernel, truncated at 4
+    sigma, zero padding), so for even sizes the peak is at ``size // 2``, not at ``(size - 1) / 2`` as in
+    MONAI >= 0.9.1 / 1.x (``monai_gaussian`` in the engine); values then go through max-normalisation and
+    ``clamp(min=max(min_nonzero, 1e-3))``.
+    """
+    patch = tuple(int(p) for p in patch)
+    g = None
+    for axis, p in enumerate(patch):
+        k = _gaussian_1d_erf(p * sigma_scale)
+        tail = (k.numel() - 1) // 2
+        centre = p // 2
+        idx = torch.arange(p) - centre + tail  # conv of a delta at `centre` with the symmetric kernel
+        v = torch.zeros(p, dtype=torch.float)
+        ok = (idx >= 0) & (idx < k.numel())
+        v[ok] = k[idx[ok]]
+        shape = [1] * len(patch)
+        shape[axis] = p
+        v = v.reshape(shape)
+        g = v if g is None else g * v
+    g = g / torch.max(g)
+    min_non_zero = max(float(g[g != 0].min()), 1e-3)
+    return torch.clamp(g, min=min_non_zero)
+
+
+def load_torchscript(path: Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """``torch.jit.load`` (TorchScript archives rebuild the scripted graph; no arbitrary unpickling)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+        model = torch.jit.load(str(path), map_location=device)
+    model.eval()
+    return model
+
+
+def decision_consistent(prob: torch.Tensor, decision: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``prob`` (float32) nudged by at most a few ulps so that ``prob >= threshold`` equals ``decision``.
+
+    The reference decides by argmax over the averaged softmax channels; where the two channels tie (two
+    models confidently disagreeing give exactly 0.5 and 0.5) or where the foreground probability sits on
+    the threshold while the channels' rounding says otherwise, the threshold alone would disagree.
+    """
+    prob = prob.float().clone()
+    t = torch.tensor(threshold, dtype=torch.float32, device=prob.device)
+    below = torch.nextafter(t, torch.tensor(0.0, device=prob.device))
+    prob[decision & (prob < t)] = t
+    prob[~decision & (prob >= t)] = below
+    return prob
+
+
+# --- the member ---------------------------------------------------------------------------------
+class NvautoMember(Member):
+    name = NAME
+    modalities = ("adc", "dwi")  # network channel order
+    required = ("dwi", "adc")
+    description = (
+        "NVAUTO (ISLES'22): ensemble of MONAI SegResNets on [ADC, DWI] resampled to 1 mm, "
+        "z-scored, Gaussian-blended 192x192x128 sliding windows, softmax averaged on the DWI grid"
+    )
+
+    def __init__(
+        self,
+        models: list[torch.jit.ScriptModule],
+        config: dict,
+        device: str | torch.device = "cpu",
+        model_names: list[str] | None = None,
+        fast: bool = False,
+        amp: bool | None = None,
+    ):
+        if not models:
+            raise ValueError("no NVAUTO models")
+        self.models = models
+        self.config = {**DEFAULT_CONFIG, **config}
+        self.device = torch.device(device)
+        self.model_names = model_names or [f"model{i}" for i in range(len(models))]
+        self.fast = fast
+        self.amp = bool(self.config["amp"]) if amp is None else amp
+        self._importance: torch.Tensor | None = None
+
+    @classmethod
+    def from_store(cls, device: str = "cpu", fast: bool = False) -> NvautoMember:
+        from deepisles.errors import DeepIslesError
+        from deepisles.weights import store
+
+        try:
+            meta, folder = store.read_member(NAME)
+        except FileNotFoundError:
+            raise MemberUnavailable(NAME, "no weights installed; run deepisles weights import PATH") from None
+        except DeepIslesError as exc:
+            raise MemberUnavailable(NAME, str(exc)) from None
+        config = {**DEFAULT_CONFIG, **meta.get("config", {})}
+        names = list(meta.get("models") or [])
+        if not names:  # older member.json: the .ts files in numeric order
+            ts = [f for f in meta.get("files", {}) if f.endswith(".ts")]
+            names = sorted(ts, key=lambda f: (int("".join(c for c in f if c.isdigit()) or 0), f))
+        if not names:
+            raise MemberUnavailable(NAME, f"{folder}: member.json lists no models; re-import")
+        if fast:
+            chosen = [i for i in config.get("fast_models", []) if 0 <= i < len(names)] or [0]
+            names = [names[i] for i in chosen]
+        dev = torch.device(device)
+        models = []
+        for n in names:
+            # TorchScript archive: torch.jit.load rebuilds the scripted graph, it does not unpickle objects.
+            m = load_torchscript(Path(folder) / n, dev)
+            models.append(m)
+        return cls(models, config, device=dev, model_names=names, fast=fast)
+
+    # -- preprocessing (CPU, as the reference's data loader) --
+    def preprocess(self, case: Case) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """[ADC, DWI] on the 1 mm grid, z-scored: (image (C, *S1) float32 on CPU, 1 mm affine float32,
+        native affine)."""
+        cfg = self.config
+        chans = [np.asarray(case.modality(m).data, dtype=np.float32) for m in cfg["inputs"]]
+        img = torch.from_numpy(np.stack(chans, 0))
+        affine = np.asarray(case.dwi.affine, dtype=np.float64)
+        target, shape1 = spacing_target(img.shape[1:], affine, cfg["pixdim"])
+        rs = cfg["resample"]
+        img1 = resample(img, affine, target, shape1, mode=rs["mode"], padding_mode=rs["padding_mode"])
+        if cfg["normalize"].get("nonzero", True):
+            img1 = normalize_nonzero(img1)
+        return img1, target.astype(np.float32), affine
+
+    def importance(self) -> torch.Tensor:
+        if self._importance is None:
+            self._importance = monai09_gaussian(self.config["roi_size"], self.config["sigma_scale"])
+        return self._importance
+
+    @torch.inference_mode()
+    def model_probabilities(self, img1: torch.Tensor):
+        """Yield each model's softmax (C, *S1) on the 1 mm grid, float32 on the device."""
+        cfg = self.config
+        roi = [int(r) for r in cfg["roi_size"]]
+        padded, unpad = pad_to_patch(img1, roi, value=float(cfg["pad_value"]))
+        padded = padded.to(self.device)
+        starts = [
+            monai_starts(s, p, float(cfg["overlap"])) for s, p in zip(padded.shape[1:], roi, strict=True)
+        ]
+        for model in self.models:
+            logits = sliding_window(
+                padded,
+                model,
+                roi,
+                starts,
+                self.importance(),
+                int(cfg["out_channels"]),
+                batch_size=int(cfg["sw_batch_size"]),
+                device=self.device,
+                amp=self.amp,
+            )[unpad]
+            yield torch.softmax(logits.float()[None], dim=1)[0]
+
+    @torch.inference_mode()
+    def predict(self, case: Case) -> np.ndarray:
+        img1, affine1, affine = self.preprocess(case)
+        rs = self.config["resample"]
+        # Invertd: Spacing back to the DWI's column norms, from the (float32) 1 mm affine, onto the DWI shape
+        back, _ = spacing_target(img1.shape[1:], affine1.astype(np.float64), affine_to_spacing(affine))
+        total = 0
+        for probs in self.model_probabilities(img1):
+            if probs.device.type not in ("cpu", "cuda"):  # float64 grid sampling (e.g. not on MPS)
+                probs = probs.cpu()
+            inv = resample(
+                probs, affine1, back, case.dwi.shape, mode=rs["mode"], padding_mode=rs["padding_mode"]
+            )
+            total = total + inv  # as the reference: inverted per model, summed in float32, then divided
+        mean = total / len(self.models)
+        fg = int(self.config["foreground_channel"])
+        decision = torch.argmax(mean, dim=0) == fg  # ties go to the first channel, as torch.argmax does
+        return decision_consistent(mean[fg], decision).cpu().numpy()
+
+    def report_info(self) -> dict:
+        return {
+            **super().report_info(),
+            "models": len(self.models),
+            "fast": self.fast,
+            "device": str(self.device),
+            "amp": bool(self.amp and self.device.type == "cuda"),
+        }
