@@ -129,7 +129,7 @@ def synth(
 
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("synthesizing", total=n)
-        ids = api_synth(outdir, n, seed, overwrite=overwrite, progress=lambda i, total: bar.update(task, completed=i + 1))
+        ids = api_synth(outdir, n, seed, overwrite=overwrite, progress=lambda i, total: bar.update(task, completed=i))
     out.print(f"wrote {len(ids)} case(s) to {outdir}")
 
 
