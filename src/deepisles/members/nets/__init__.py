@@ -1,0 +1,1 @@
+"""Network architectures of the deep-learning members, built from the stored configuration."""
