@@ -38,3 +38,15 @@ def isles22_masks_only() -> list[Path]:
     if not files:
         pytest.skip(f"real ISLES'22 masks not found under {root}")
     return files
+
+
+@pytest.fixture(autouse=True)
+def _isolated_weight_store(tmp_path_factory, monkeypatch):
+    """Tests never see the user's ~/.deepisles: an empty store unless a test imports weights into it."""
+    from deepisles.members import clear_cache
+
+    if "DEEPISLES_HOME" not in os.environ or not os.environ["DEEPISLES_HOME"].startswith(str(tmp_path_factory.getbasetemp())):
+        monkeypatch.setenv("DEEPISLES_HOME", str(tmp_path_factory.mktemp("deepisles_home")))
+    clear_cache()
+    yield
+    clear_cache()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepisles.engine.sliding_window import monai09_gaussian
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 from deepisles.members.base import Case, MemberUnavailable
@@ -20,7 +21,6 @@ from deepisles.members.nvauto import (
     NvautoMember,
     compute_shape_offset,
     decision_consistent,
-    monai09_gaussian,
     resample,
     spacing_target,
     zoom_affine,

@@ -13,6 +13,7 @@ from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 
 OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "preview.png")
+MEMBERS_DIR = "members"
 
 Progress = Callable[[str], None]
 
@@ -83,6 +84,8 @@ def segment(
     members: str | list[str] | None = "auto",
     device: str = "auto",
     bval: str | Path | None = None,
+    fast: bool = False,
+    save_members: bool = False,
     overwrite: bool = False,
     preview: bool = True,
     progress: Progress | None = None,
@@ -95,6 +98,10 @@ def segment(
     ``lesion_prob.nii.gz``, ``report.json`` and ``preview.png`` there (atomically; refuses an ``outdir`` that
     already holds results unless ``overwrite``). Returns the mask and probability on the native DWI grid
     and the report.
+
+    ``members``: "auto" (every member with installed weights; the classical member when there are none) or a
+    comma-separated list. ``fast``: each member's documented faster mode (see docs/deviations.md).
+    ``save_members``: also write ``members/<name>_prob.nii.gz``. ``device``: auto, cpu, cuda or cuda:N.
     """
     from deepisles.ensemble import combine
     from deepisles.io.load import load_inputs
@@ -107,9 +114,10 @@ def segment(
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
     if outdir is not None:
-        check_output_dir(Path(outdir), OUTPUT_NAMES, overwrite)
-    run_members, skipped = resolve_members(members)
+        check_output_dir(Path(outdir), OUTPUT_NAMES + (MEMBERS_DIR,), overwrite)
     device_used = resolve_device(device)
+    say("loading members")
+    run_members, skipped = resolve_members(members, device_used, fast)
 
     say("reading and validating inputs")
     t = time.perf_counter()
@@ -134,7 +142,13 @@ def segment(
     steps["skull_strip"] = mask_info
     timing["brain_mask"] = time.perf_counter() - t
 
-    case = Case(dwi=loaded.dwi, adc=loaded.adc, brain=brain, flair=flair_img)
+    dwi_img, adc_img = loaded.dwi, loaded.adc
+    if mask_info.get("stripped"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
+        dwi_img = dwi_img.with_data(np.where(brain, dwi_img.data, 0).astype(dwi_img.data.dtype))
+        adc_img = adc_img.with_data(np.where(brain, adc_img.data, 0).astype(adc_img.data.dtype))
+        if flair_img is not None:
+            flair_img = flair_img.with_data(np.where(brain, flair_img.data, 0).astype(np.float32))
+    case = Case(dwi=dwi_img, adc=adc_img, brain=brain, flair=flair_img)
     results, run_records = [], []
     for member in run_members:
         say(f"member {member.name}")
@@ -176,6 +190,8 @@ def segment(
     if bval is not None:
         inputs["bval"] = _input_record(bval, None)
     outputs = {name: name for name in OUTPUT_NAMES if preview or name != "preview.png"} if outdir else {}
+    if outdir and save_members:
+        outputs.update({f"member_{r.name}": f"{MEMBERS_DIR}/{r.name}_prob.nii.gz" for r in results})
     timing["total"] = time.perf_counter() - t_all
 
     from deepisles.outputs.report import build_report
@@ -192,11 +208,13 @@ def segment(
         warnings=warnings,
         timing_s=timing,
         device=device_used,
+        fast=fast,
     )
     result = SegmentationResult(mask_img, prob_img, report, results, Path(outdir) if outdir else None)
     if outdir is not None:
         say("writing outputs")
-        write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, flair_img, preview=preview)
+        write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, flair_img, preview=preview,
+                      save_members=save_members)
     return result
 
 
@@ -207,14 +225,20 @@ def write_outputs(
     adc: Image,
     flair: Image | None,
     preview: bool = True,
+    save_members: bool = False,
 ) -> None:
-    """Write mask, probability, preview and (last, as the completion marker) report.json atomically."""
+    """Write mask, probability, member probabilities, preview and (last, as the completion marker)
+    report.json, each atomically."""
     from deepisles.io.write import write_json_atomic, write_nifti_atomic
     from deepisles.outputs.preview import render_preview
 
     outdir.mkdir(parents=True, exist_ok=True)
     write_nifti_atomic(outdir / "lesion_mask.nii.gz", result.mask.to_nifti(np.uint8))
     write_nifti_atomic(outdir / "lesion_prob.nii.gz", result.probability.to_nifti(np.float32))
+    if save_members:
+        for r in result.members:
+            img = result.mask.with_data(np.asarray(r.probability, dtype=np.float32))
+            write_nifti_atomic(outdir / MEMBERS_DIR / f"{r.name}_prob.nii.gz", img.to_nifti(np.float32))
     if preview:
         images = {"DWI": dwi, "ADC": adc}
         if flair is not None:

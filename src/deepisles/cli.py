@@ -75,6 +75,8 @@ def segment(
     skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto (use zero background if skull-stripped, else classical) | none | classical | hdbet (needs deepisles[hdbet]).")] = "auto",
     members: Annotated[str, typer.Option("--members", help="Comma-separated members, or auto (installed weights; classical when none).")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
+    fast: Annotated[bool, typer.Option("--fast", help="Faster, approximate: SEALS without test-time mirroring, NVAUTO 5 of 15 models, FACTORIZER Res-U-Nets only (docs/deviations.md).")] = False,
+    save_members: Annotated[bool, typer.Option("--save-members", help="Also write members/<name>_prob.nii.gz for each member.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results already in the output folder.")] = False,
     no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not write preview.png.")] = False,
 ) -> None:
@@ -86,7 +88,7 @@ def segment(
     with err.status("starting") as status:
         result = api_segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
-            bval=bval, overwrite=overwrite, preview=not no_preview, progress=lambda m: status.update(m),
+            bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview, progress=lambda m: status.update(m),
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)

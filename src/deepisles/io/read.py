@@ -126,11 +126,13 @@ def _read_nifti(path: Path, label: str) -> Image:
             raise InputError(path, f"{label} file holds complex voxels; expected real values")
         affine = nimg.affine
         sform, qform = int(nimg.header["sform_code"]), int(nimg.header["qform_code"])
+        zooms = [float(z) for z in nimg.header.get_zooms()[:3]]
     except InputError:
         raise
     except Exception as e:  # any parser failure on a user file is the file's fault (corrupt, truncated...)
         raise InputError(path, f"{label} file is not a readable NIfTI image ({_short(e)})") from None
-    meta = {"format": "nifti", "original_dtype": str(original), "sform_code": sform, "qform_code": qform}
+    meta = {"format": "nifti", "original_dtype": str(original), "sform_code": sform, "qform_code": qform,
+            "zooms": zooms}
     if sform == 0 and qform == 0:
         meta["read_warnings"] = [
             f"{label} {path}: NIfTI header has no orientation (sform and qform codes 0); using voxel sizes only"
@@ -163,7 +165,7 @@ def _read_sitk(path: Path, label: str) -> Image:
     else:
         raise InputError(path, f"{label} file is {dim}D; expected a 3D image")
     fmt = "metaimage" if _suffix(path) in (".mha", ".mhd") else "nrrd"
-    meta = {"format": fmt, "original_dtype": str(original)}
+    meta = {"format": fmt, "original_dtype": str(original), "zooms": [float(v) for v in simg.GetSpacing()[:3]]}
     if simg.GetNumberOfComponentsPerPixel() != 1:
         meta["components"] = simg.GetNumberOfComponentsPerPixel()
     return Image(_as_float(np.asarray(img.data)), img.affine, str(path), meta)

@@ -2,54 +2,70 @@
 
 from __future__ import annotations
 
+import importlib
+
+from deepisles.errors import DeepIslesError
 from deepisles.members.base import Case, Member, MemberResult, MemberUnavailable
 from deepisles.members.classical import ClassicalMember
 
-__all__ = ["Case", "Member", "MemberResult", "MemberUnavailable", "ClassicalMember", "resolve_members"]
+__all__ = [
+    "Case", "Member", "MemberResult", "MemberUnavailable", "ClassicalMember", "resolve_members", "clear_cache",
+]
 
-# Every member deepisles knows, by CLI name. The deep-learning members (seals, nvauto, factorizer) register
-# here when their runtimes exist; until then asking for them is an error that names the reason.
-KNOWN_MEMBERS = ("classical", "seals", "nvauto", "factorizer")
+# Every member deepisles knows, by CLI name, and where its runtime lives.
+DEEP_MEMBERS = {
+    "seals": ("deepisles.members.seals", "SealsMember"),
+    "nvauto": ("deepisles.members.nvauto", "NvautoMember"),
+    "factorizer": ("deepisles.members.factorizer", "FactorizerMember"),
+}
+KNOWN_MEMBERS = ("classical", *DEEP_MEMBERS)
+
+# Loaded members, reused across cases (a cohort or a long-lived process loads each network once).
+_CACHE: dict[tuple[str, str, bool], Member] = {}
 
 
-def _build(name: str) -> Member:
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _build(name: str, device: str, fast: bool) -> Member:
     if name == "classical":
         return ClassicalMember()
-    raise MemberUnavailable(name, "no runtime for this member in this version of deepisles")
+    key = (name, device, fast)
+    if key not in _CACHE:
+        module, cls = DEEP_MEMBERS[name]
+        _CACHE[key] = getattr(importlib.import_module(module), cls).from_store(device=device, fast=fast)
+    return _CACHE[key]
 
 
-def resolve_members(spec: str | list[str] | None) -> tuple[list[Member], list[dict]]:
+def resolve_members(
+    spec: str | list[str] | None, device: str = "cpu", fast: bool = False
+) -> tuple[list[Member], list[dict]]:
     """Members to run for ``--members`` and the ones that cannot run, each with its reason.
 
-    ``None``/``"auto"``: every deep-learning member whose weights are installed; when there is none,
-    the classical member alone (and the skipped members say why).
+    ``None``/``"auto"``: every deep-learning member whose weights are installed; when none is, the
+    classical member alone (and the skipped members say why).
     """
-    if spec is None or spec == "auto" or spec == ["auto"]:
-        members, skipped = [], []
-        for name in KNOWN_MEMBERS[1:]:
-            try:
-                members.append(_build(name))
-            except MemberUnavailable as exc:
-                skipped.append({"member": name, "reason": exc.reason})
-        if not members:
-            members.append(ClassicalMember(fallback=True))
-        return members, skipped
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [n.strip().lower() for n in names if n.strip()]
-    unknown = [n for n in names if n not in KNOWN_MEMBERS]
-    if unknown:
-        from deepisles.errors import DeepIslesError
-
-        raise DeepIslesError(f"unknown member(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_MEMBERS)}")
+    auto = spec is None or spec == "auto" or spec == ["auto"]
+    if auto:
+        names = list(DEEP_MEMBERS)
+    else:
+        names = spec.split(",") if isinstance(spec, str) else list(spec)
+        names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+        unknown = [n for n in names if n not in KNOWN_MEMBERS]
+        if unknown or not names:
+            raise DeepIslesError(
+                f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_MEMBERS)}"
+            )
     members, skipped = [], []
-    for name in dict.fromkeys(names):
+    for name in names:
         try:
-            members.append(_build(name))
+            members.append(_build(name, device, fast))
         except MemberUnavailable as exc:
             skipped.append({"member": name, "reason": exc.reason})
+    if auto and not members:
+        members.append(ClassicalMember(fallback=True))
     if not members:
-        from deepisles.errors import DeepIslesError
-
         reasons = "; ".join(f"{s['member']}: {s['reason']}" for s in skipped)
         raise DeepIslesError(f"none of the requested members can run ({reasons})")
     return members, skipped

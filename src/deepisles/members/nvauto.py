@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepisles.engine.sliding_window import monai_starts, pad_to_patch, sliding_window
+from deepisles.engine.sliding_window import monai09_gaussian, monai_starts, pad_to_patch, sliding_window
 from deepisles.members.base import Case, Member, MemberUnavailable
 
 log = logging.getLogger(__name__)
@@ -182,43 +182,6 @@ def normalize_nonzero(img: torch.Tensor) -> torch.Tensor:
             std = 1.0
         x[m] = (v - mean) / std
     return img
-
-
-def _gaussian_1d_erf(sigma: float, truncated: float = 4.0) -> torch.Tensor:
-    """``monai.networks.layers.convutils.gaussian_1d(approx="erf")`` (0.9.0), float32, not normalised."""
-    s = torch.as_tensor(sigma, dtype=torch.float)
-    tail = int(max(float(s) * truncated, 0.5) + 0.5)
-    x = torch.arange(-tail, tail + 1, dtype=torch.float)
-    t = 0.70710678 / torch.abs(s)
-    return (0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())).clamp(min=0)
-
-
-def monai09_gaussian(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
-    """Importance map of MONAI 0.9.0 sliding windows (``compute_importance_map(mode="gaussian")`` followed by
-    the clamp in ``sliding_window_inference``).
-
-    0.9.0 blurs a delta at ``size // 2`` with ``GaussianFilter`` (erf-discretised kernel, truncated at 4
-    sigma, zero padding), so for even sizes the peak is at ``size // 2``, not at ``(size - 1) / 2`` as in
-    MONAI >= 0.9.1 / 1.x (``monai_gaussian`` in the engine); values then go through max-normalisation and
-    ``clamp(min=max(min_nonzero, 1e-3))``.
-    """
-    patch = tuple(int(p) for p in patch)
-    g = None
-    for axis, p in enumerate(patch):
-        k = _gaussian_1d_erf(p * sigma_scale)
-        tail = (k.numel() - 1) // 2
-        centre = p // 2
-        idx = torch.arange(p) - centre + tail  # conv of a delta at `centre` with the symmetric kernel
-        v = torch.zeros(p, dtype=torch.float)
-        ok = (idx >= 0) & (idx < k.numel())
-        v[ok] = k[idx[ok]]
-        shape = [1] * len(patch)
-        shape[axis] = p
-        v = v.reshape(shape)
-        g = v if g is None else g * v
-    g = g / torch.max(g)
-    min_non_zero = max(float(g[g != 0].min()), 1e-3)
-    return torch.clamp(g, min=min_non_zero)
 
 
 def load_torchscript(path: Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:

@@ -37,6 +37,7 @@ def build_report(
     warnings: list[str],
     timing_s: dict[str, float],
     device: str,
+    fast: bool = False,
 ) -> dict:
     return {
         "tool": {"name": "deepisles", "version": __version__, "python": platform.python_version()},
@@ -54,6 +55,7 @@ def build_report(
         },
         "outputs": outputs,
         "device": device,
+        "fast_mode": fast,
         "warnings": warnings,
         "timing_s": {k: round(v, 3) for k, v in timing_s.items()},
     }
