@@ -143,7 +143,7 @@ def segment(
     timing["brain_mask"] = time.perf_counter() - t
 
     dwi_img, adc_img = loaded.dwi, loaded.adc
-    if mask_info.get("stripped"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
+    if mask_info.get("chosen") in ("classical", "hdbet"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
         dwi_img = dwi_img.with_data(np.where(brain, dwi_img.data, 0).astype(dwi_img.data.dtype))
         adc_img = adc_img.with_data(np.where(brain, adc_img.data, 0).astype(adc_img.data.dtype))
         if flair_img is not None:
@@ -171,10 +171,16 @@ def segment(
     if not results:
         reasons = "; ".join(f"{s['member']}: {s['reason']}" for s in skipped)
         raise DeepIslesError(f"no ensemble member could run ({reasons})")
-    for s in skipped:
-        msg = f"member {s['member']} not run: {s['reason']}"
-        if msg not in warnings and not any(w.startswith(f"member {s['member']} skipped") for w in warnings):
-            warnings.append(msg)
+    if any(getattr(m, "fallback", False) for m in run_members):
+        warnings.append(
+            "no deep-learning weights installed (" + ", ".join(s["member"] for s in skipped) + "): ran the "
+            "classical threshold member instead, which is not a validated model; see `deepisles weights --help`"
+        )
+    else:
+        for s in skipped:
+            msg = f"member {s['member']} not run: {s['reason']}"
+            if not any(w.startswith(f"member {s['member']} ") for w in warnings):
+                warnings.append(msg)
 
     mask_arr, prob_arr, rule = combine(results)
     mask_img = loaded.dwi.with_data(mask_arr.astype(np.uint8))

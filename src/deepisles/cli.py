@@ -57,7 +57,10 @@ def _print_result(result, outdir: Path | None) -> None:
     table.add_row("lesion count", f"{rep['lesions']['count']} (26-connectivity)")
     table.add_row("members run", ", ".join(m["name"] for m in rep["members"]["run"]))
     if rep["members"]["skipped"]:
-        table.add_row("members skipped", "; ".join(f"{s['member']}: {s['reason']}" for s in rep["members"]["skipped"]))
+        by_reason: dict[str, list[str]] = {}
+        for s in rep["members"]["skipped"]:
+            by_reason.setdefault(s["reason"], []).append(s["member"])
+        table.add_row("members skipped", "\n".join(f"{', '.join(m)}: {r}" for r, m in by_reason.items()))
     table.add_row("ensemble", rep["ensemble"]["rule"])
     if outdir is not None:
         table.add_row("outputs", str(outdir))
