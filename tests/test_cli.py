@@ -173,3 +173,26 @@ def test_help_explains_itself():
     assert res.exit_code == 0
     for opt in ("--dwi", "--adc", "--flair", "--skull-strip", "--overwrite", "--members", "--device"):
         assert opt in res.output
+
+
+def test_evaluate_writes_csv_and_refuses_grid_mismatch(case, tmp_path):
+    gt = np.zeros(case["shape"], np.uint8)
+    gt[10:14, 10:14, 10:14] = 1
+    pred = gt.copy()
+    pred[10:12, 10:14, 10:14] = 0
+    pred[30, 30, 20] = 1  # a false-positive lesion
+    g = _save(tmp_path / "gt.nii.gz", gt)
+    p = _save(tmp_path / "pred.nii.gz", pred)
+    csv = tmp_path / "m.csv"
+    res = _run(["evaluate", "--pred", p, "--gt", g, "-o", csv])
+    assert res.exit_code == 0, res.stderr
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "case,dice,abs_volume_diff_ml,abs_lesion_count_diff,lesion_f1"
+    case_name, dice, dv, dn, f1 = lines[1].split(",")
+    assert float(dice) == pytest.approx(2 * 32 / (64 + 33))
+    assert float(dv) == pytest.approx(31 * 8 / 1000)
+    assert int(dn) == 1 and float(f1) == pytest.approx(1 / (1 + 0.5))
+    assert _run(["evaluate", "--pred", p, "--gt", g, "-o", csv]).exit_code == 2  # no silent overwrite
+    other = _save(tmp_path / "other.nii.gz", pred[:-1])
+    res = _run(["evaluate", "--pred", other, "--gt", g])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "other.nii.gz" in res.stderr

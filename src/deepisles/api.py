@@ -261,6 +261,7 @@ def evaluate(
     *,
     csv: str | Path | None = None,
     overwrite: bool = False,
+    progress=None,
 ) -> tuple[list[dict], dict]:
     """ISLES'22 metrics per case (rows) and their summary; optionally writes the per-case CSV."""
     from deepisles import metrics
@@ -268,7 +269,7 @@ def evaluate(
 
     if csv is not None and Path(csv).exists() and not overwrite:
         raise OutputExistsError(f"{csv}: already exists; pass --overwrite to replace it")
-    rows = metrics.evaluate_paths(Path(pred), Path(gt))
+    rows = metrics.evaluate_paths(Path(pred), Path(gt), progress=progress)
     summary = metrics.summarize(rows)
     if csv is not None:
         metrics.write_metrics_csv(Path(csv), rows)

@@ -106,9 +106,16 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CSV.")] = False,
 ) -> None:
     """Score masks with the official ISLES'22 metrics (Dice, absolute volume difference, lesion count difference, lesion F1)."""
+    from rich.progress import Progress
+
     from deepisles.api import evaluate as api_evaluate
 
-    rows, summary = api_evaluate(pred, gt, csv=csv, overwrite=overwrite)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        rows, summary = api_evaluate(
+            pred, gt, csv=csv, overwrite=overwrite,
+            progress=lambda done, total, case: bar.update(task, completed=done, total=total, description=case),
+        )
     table = Table(title=f"ISLES'22 metrics over {len(rows)} case(s)")
     for col in ("metric", "mean", "median", "IQR (q1–q3)"):
         table.add_column(col)
