@@ -1,0 +1,183 @@
+"""Measurement helpers for the benchmarks (standard library only, plus numpy/nibabel for mask comparisons).
+
+* :func:`run_measured` runs a command and returns its wall time, CPU time (user + sys) and peak resident
+  memory. The rusage comes from ``os.wait4`` on the child, so it covers the child and every descendant it
+  waited for; ``ru_maxrss`` is then the peak of the largest single process in that tree (Linux keeps the
+  maximum, not the sum).
+* :class:`PhaseMeter` measures phases inside one process: wall time, CPU time, peak RSS since the phase started
+  (``/proc/self/clear_refs`` resets the kernel's high-water mark) and peak CUDA memory
+  (``torch.cuda.reset_peak_memory_stats``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+# --- processes ------------------------------------------------------------------------------------
+def run_measured(cmd, *, env=None, cwd=None, log: Path | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd``; wall, user+sys CPU seconds and peak RSS (MiB) of the process tree, exit code."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        timed_out = False
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                timed_out = True
+                os.killpg(proc.pid, 9)
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if log:
+            out.close()
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+        "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "log": str(log) if log else None,
+    }
+
+
+def tail(path: Path | str | None, n: int = 25) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def gpu_mem_from_file(path: Path) -> int | None:
+    """Largest ``torch.cuda.max_memory_allocated`` reported by the shim (``pid bytes`` lines)."""
+    if not path.exists():
+        return None
+    vals = [int(line.split()[1]) for line in path.read_text().splitlines() if len(line.split()) == 2]
+    return max(vals) if vals else None
+
+
+# --- phases inside one process --------------------------------------------------------------------
+def _read_hwm_kib() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Consecutive named phases: wall seconds, peak RSS (MiB) and peak CUDA memory (MiB) of each."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.phases: list[dict] = []
+        self._name = None
+        self._t = None
+        self.hwm_reset_ok = True
+
+    def _torch(self):
+        import torch
+
+        return torch
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name = name
+        if self.cuda:
+            torch = self._torch()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.hwm_reset_ok &= _reset_hwm()
+        self._cpu = time.process_time()
+        self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._name is None:
+            return
+        rec = {"phase": self._name}
+        if self.cuda:
+            torch = self._torch()
+            torch.cuda.synchronize()
+            rec["gpu_peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            rec["gpu_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        rec["wall_s"] = round(time.perf_counter() - self._t, 3)
+        rec["cpu_s"] = round(time.process_time() - self._cpu, 3)  # user + sys of this process, all threads
+        hwm = _read_hwm_kib()
+        rec["peak_rss_mib"] = round(hwm / 1024, 1) if hwm else None
+        self.phases.append(rec)
+        self._name = None
+
+
+# --- masks ----------------------------------------------------------------------------------------
+def mask_agreement(a_path: Path, b_path: Path, b_threshold: float | None = None) -> dict:
+    """Dice and voxel agreement of two masks on the same grid (``b >= b_threshold`` when given)."""
+    import nibabel as nib
+    import numpy as np
+
+    a = np.asarray(nib.load(str(a_path)).dataobj) > 0
+    b = np.asarray(nib.load(str(b_path)).dataobj)
+    b = b >= b_threshold if b_threshold is not None else b > 0
+    if a.shape != b.shape:
+        return {"error": f"shape {a.shape} vs {b.shape}"}
+    inter, tot = int(np.sum(a & b)), int(a.sum() + b.sum())
+    return {"dice": round(2 * inter / tot, 5) if tot else 1.0, "voxels_differ": int(np.sum(a != b)),
+            "ref_voxels": int(a.sum()), "ours_voxels": int(b.sum())}
+
+
+# --- environment ----------------------------------------------------------------------------------
+def machine_info() -> dict:
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def dump_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
