@@ -79,3 +79,17 @@ class Member(ABC):
 
     def report_info(self) -> dict:
         return {"description": self.description, "inputs": list(self.modalities)}
+
+
+def read_stored_member(name: str) -> tuple[dict, object]:
+    """``(member.json, folder)`` of an imported member; ``MemberUnavailable`` (with the reason that goes into
+    the report) when it is not installed or its store entry is broken."""
+    from deepisles.errors import DeepIslesError
+    from deepisles.weights import store
+
+    try:
+        return store.read_member(name)
+    except FileNotFoundError:
+        raise MemberUnavailable(name, "no weights installed; run deepisles weights import PATH") from None
+    except DeepIslesError as exc:
+        raise MemberUnavailable(name, str(exc)) from None

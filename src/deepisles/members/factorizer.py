@@ -56,7 +56,7 @@ from safetensors.torch import load_file
 
 from deepisles.engine.sliding_window import constant, monai_starts, pad_to_patch, sliding_window
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Member, MemberUnavailable
+from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,7 @@ class FactorizerMember(Member):
 
     @classmethod
     def from_store(cls, device: str = "cpu", fast: bool = False, **kwargs) -> FactorizerMember:
-        from deepisles.weights import store
-
-        try:
-            meta, folder = store.read_member(NAME)
-        except FileNotFoundError:
-            raise MemberUnavailable(NAME, "no weights installed; run deepisles weights import PATH") from None
+        meta, folder = read_stored_member(NAME)
         return cls(meta, folder, device=device, fast=fast, **kwargs)
 
     # --- inference -------------------------------------------------------------------------------

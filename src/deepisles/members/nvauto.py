@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from deepisles.engine.sliding_window import monai09_gaussian, monai_starts, pad_to_patch, sliding_window
-from deepisles.members.base import Case, Member, MemberUnavailable
+from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,7 @@ class NvautoMember(Member):
 
     @classmethod
     def from_store(cls, device: str = "cpu", fast: bool = False) -> NvautoMember:
-        from deepisles.errors import DeepIslesError
-        from deepisles.weights import store
-
-        try:
-            meta, folder = store.read_member(NAME)
-        except FileNotFoundError:
-            raise MemberUnavailable(NAME, "no weights installed; run deepisles weights import PATH") from None
-        except DeepIslesError as exc:
-            raise MemberUnavailable(NAME, str(exc)) from None
+        meta, folder = read_stored_member(NAME)
         config = {**DEFAULT_CONFIG, **meta.get("config", {})}
         names = list(meta.get("models") or [])
         if not names:  # older member.json: the .ts files in numeric order

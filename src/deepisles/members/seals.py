@@ -48,7 +48,7 @@ from deepisles.engine.sliding_window import (
     with_mirroring,
 )
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Member, MemberUnavailable
+from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member
 
 log = logging.getLogger(__name__)
 
@@ -375,12 +375,7 @@ class SealsMember(Member):
         from safetensors.torch import load_file
 
         from deepisles.members.nets.generic_unet import build
-        from deepisles.weights import store
-
-        try:
-            meta, folder = store.read_member(NAME)
-        except FileNotFoundError:
-            raise MemberUnavailable(NAME, "no weights installed; run deepisles weights import PATH") from None
+        meta, folder = read_stored_member(NAME)
         nets = []
         for k in meta["folds"]:
             net = build(meta["network"])
