@@ -107,9 +107,9 @@ def segment(
     from deepisles.ensemble import combine
     from deepisles.io.load import load_inputs
     from deepisles.io.write import check_output_dir
-    from deepisles.members import Case, MemberUnavailable, resolve_members
+    from deepisles.members import MemberUnavailable, resolve_members
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
-    from deepisles.preprocess.brain_mask import brain_mask
+    from deepisles.preprocess.case import build_case
 
     say = progress or (lambda _msg: None)
     timing: dict[str, float] = {}
@@ -127,38 +127,10 @@ def segment(
     warnings = list(loaded.warnings)
     steps = dict(loaded.steps)
 
-    flair_img = None
-    if loaded.flair is not None:
-        from deepisles.preprocess.register import register_to
-
-        say("registering FLAIR to DWI")
-        t = time.perf_counter()
-        flair_img, reg_info = register_to(loaded.flair, loaded.dwi)
-        steps["flair_registration"] = reg_info
-        timing["register"] = time.perf_counter() - t
-
-    say(f"brain mask ({skull_strip})")
-    t = time.perf_counter()
-    brain, mask_info = brain_mask(loaded.dwi, skull_strip, device=device_used, flair=flair_img)
-    steps["skull_strip"] = mask_info
-    timing["brain_mask"] = time.perf_counter() - t
-    nonzero = np.asarray(loaded.dwi.data) != 0
-    if mask_info.get("chosen") in ("classical", "hdbet") and (~nonzero).mean() > 0.25:
-        kept = float((brain & nonzero).sum()) / max(int(nonzero.sum()), 1)
-        if kept < 0.85:
-            warnings.append(
-                f"--skull-strip {skull_strip} kept only {kept:.0%} of the non-zero DWI region, which already looks "
-                "skull-stripped; lesions outside the brain mask are lost (check preview.png; --skull-strip auto "
-                "uses the existing background)"
-            )
-
-    dwi_img, adc_img = loaded.dwi, loaded.adc
-    if mask_info.get("chosen") in ("classical", "hdbet"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
-        dwi_img = dwi_img.with_data(np.where(brain, dwi_img.data, 0).astype(dwi_img.data.dtype))
-        adc_img = adc_img.with_data(np.where(brain, adc_img.data, 0).astype(adc_img.data.dtype))
-        if flair_img is not None:
-            flair_img = flair_img.with_data(np.where(brain, flair_img.data, 0).astype(np.float32))
-    case = Case(dwi=dwi_img, adc=adc_img, brain=brain, flair=flair_img)
+    case, case_steps, case_warnings, case_timing = build_case(loaded, skull_strip, device_used, say)
+    steps.update(case_steps)
+    warnings.extend(case_warnings)
+    timing.update(case_timing)
     results, run_records = [], []
     for member in run_members:
         say(f"member {member.name}")
@@ -228,11 +200,11 @@ def segment(
     )
     result = SegmentationResult(
         mask_img, prob_img, report, results, Path(outdir) if outdir else None,
-        brain=loaded.dwi.with_data(brain.astype(np.uint8)),
+        brain=loaded.dwi.with_data(case.brain.astype(np.uint8)),
     )
     if outdir is not None:
         say("writing outputs")
-        write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, flair_img, preview=preview,
+        write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, case.flair, preview=preview,
                       save_members=save_members)
     return result
 

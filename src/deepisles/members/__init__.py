@@ -43,8 +43,9 @@ def resolve_members(
 ) -> tuple[list[Member], list[dict]]:
     """Members to run for ``--members`` and the ones that cannot run, each with its reason.
 
-    ``None``/``"auto"``: every deep-learning member whose weights are installed; when none is, the
-    classical member alone (and the skipped members say why).
+    ``None``/``"auto"``: every deep-learning member whose weights are installed; when none is, the packaged
+    default models (trained on synthetic data); when those are absent too, the classical member alone (and the
+    skipped members say why). A named member uses its installed weights, else its default model.
     """
     auto = spec is None or spec == "auto" or spec == ["auto"]
     if auto:
@@ -58,6 +59,18 @@ def resolve_members(
                 f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_MEMBERS)}"
             )
     members, skipped = [], []
+    if auto:
+        # imported/trained weights win; the packaged default models are used only when none is installed,
+        # so an ensemble never mixes validated and default models without being asked to
+        from deepisles.weights.store import installed_members
+
+        installed = [n for n in names if n in installed_members()]
+        if installed:
+            for name in names:
+                if name not in installed:
+                    skipped.append({"member": name, "reason": "no weights installed (the packaged default model "
+                                                              "is not mixed with installed weights)"})
+            names = installed
     for name in names:
         try:
             members.append(_build(name, device, fast))

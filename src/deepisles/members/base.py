@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +60,7 @@ class Member(ABC):
     required: tuple[str, ...] = ("dwi", "adc")
     description: str = ""
     threshold: float = 0.5
+    weights_origin: dict | None = None  # set by from_store: imported official / trained / packaged default
 
     def check_inputs(self, case: Case) -> None:
         missing = [m for m in self.required if case.modality(m) is None]
@@ -78,18 +80,45 @@ class Member(ABC):
         return MemberResult(self.name, prob, mask, self.report_info())
 
     def report_info(self) -> dict:
-        return {"description": self.description, "inputs": list(self.modalities)}
+        info = {"description": self.description, "inputs": list(self.modalities)}
+        if self.weights_origin is not None:
+            info["weights"] = self.weights_origin
+        return info
 
 
-def read_stored_member(name: str) -> tuple[dict, object]:
-    """``(member.json, folder)`` of an imported member; ``MemberUnavailable`` (with the reason that goes into
-    the report) when it is not installed or its store entry is broken."""
+# Compact default models trained by deepisles' own code on synthetic cases (scripts/train_default_models.py),
+# shipped with the package in the store format; used for a member when no weights of it are installed.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "default_models"
+DEFAULT_MODELS_NOTE = "default model trained on synthetic data, not clinically validated"
+
+
+def has_default_model(name: str) -> bool:
+    return (DEFAULT_MODELS_DIR / name / "member.json").is_file()
+
+
+def read_stored_member(name: str, allow_default: bool = True) -> tuple[dict, Path]:
+    """``(member.json, folder)`` of an installed member, else (``allow_default``) of the packaged default model;
+    ``MemberUnavailable`` (with the reason that goes into the report) when neither exists or the entry is
+    broken."""
     from deepisles.errors import DeepIslesError
     from deepisles.weights import store
 
     try:
         return store.read_member(name)
     except FileNotFoundError:
+        if allow_default and has_default_model(name):
+            try:
+                return store.read_member_folder(DEFAULT_MODELS_DIR / name)
+            except DeepIslesError as exc:
+                raise MemberUnavailable(name, f"packaged default model: {exc}") from None
         raise MemberUnavailable(name, "no weights installed; run deepisles weights import PATH") from None
     except DeepIslesError as exc:
         raise MemberUnavailable(name, str(exc)) from None
+
+
+def weights_origin(meta: dict) -> dict:
+    """What the report says about where a member's weights come from."""
+    origin = meta.get("origin")
+    if origin:
+        return dict(origin)
+    return {"kind": "imported", "source": meta.get("source")}

@@ -56,7 +56,7 @@ from safetensors.torch import load_file
 
 from deepisles.engine.sliding_window import constant, monai_starts, pad_to_patch, sliding_window
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member
+from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member, weights_origin
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,34 @@ def _on_dwi_grid(img: Image, dwi: Image, role: str) -> np.ndarray:
     return np.asarray(resample_to(img, dwi, order=1, fill=0.0).data, dtype=np.float32)
 
 
+def network_input(config: dict, case: Case, label: np.ndarray | None = None):
+    """The networks' input, shared by inference and training: [DWI, ADC, FLAIR] on the DWI grid, z-scored on
+    their non-zero voxels at native resolution, resized to ``spacing`` (``F.interpolate``).
+
+    Returns ``(x (C, *S) float32 tensor, label (*S) uint8 or None, resized shape or None)``; ``label`` (on the
+    DWI grid) is resized with the same call and thresholded at 0.5.
+    """
+    cfg = {**DEFAULT_CONFIG, **config}
+    dwi = case.dwi
+    chans = []
+    for role in cfg["inputs"]:
+        img = case.modality(role)
+        chans.append(np.asarray(dwi.data, dtype=np.float32) if role == "dwi" else _on_dwi_grid(img, dwi, role.upper()))
+    stack = normalize_nonzero(np.ascontiguousarray(np.stack(chans)))
+    x = torch.from_numpy(stack)[None]
+    new = resized_shape(tuple(dwi.shape[:3]), dwi.spacing, cfg["spacing"])
+    mode, align = cfg["resize"]["mode"], cfg["resize"]["align_corners"]
+    if new is not None:
+        x = F.interpolate(x, size=new, mode=mode, align_corners=align)
+    lab = None
+    if label is not None:
+        y = torch.from_numpy(np.asarray(label, dtype=np.float32))[None, None]
+        if new is not None:
+            y = F.interpolate(y, size=new, mode=mode, align_corners=align)
+        lab = (y[0, 0] >= 0.5).numpy().astype(np.uint8)
+    return x[0], lab, new
+
+
 class FactorizerMember(Member):
     name = NAME
     modalities = ("dwi", "adc", "flair")
@@ -141,8 +169,11 @@ class FactorizerMember(Member):
         "64^3 sliding windows; networks in eval mode (DeepISLES leaves dropout on)"
     )
 
-    def __init__(self, meta: dict, folder: Path, device: str = "cpu", fast: bool = False,
-                 batch_size: int | None = None, amp: bool | None = None):  # fmt: skip
+    def __init__(self, meta: dict, folder: Path | None, device: str = "cpu", fast: bool = False,
+                 batch_size: int | None = None, amp: bool | None = None,
+                 networks: list[torch.nn.Module] | None = None):  # fmt: skip
+        """``meta`` is the member.json; the networks are read from ``folder``, or given as ``networks`` (one per
+        entry of ``meta["models"]``, e.g. while training)."""
         from deepisles.members.nets.factorizer_nets import UnsupportedConfig, build_network
 
         self.config = {**DEFAULT_CONFIG, **{k: v for k, v in meta.items() if k in DEFAULT_CONFIG}}
@@ -156,7 +187,11 @@ class FactorizerMember(Member):
         if not entries:
             raise MemberUnavailable(NAME, "member.json lists no models; re-import the weights")
         self.models, self.model_names = [], []
-        for m in entries:
+        if networks is not None:
+            self.models = [net.to(self.device) for net in networks]
+            self.model_names = [m.get("name", m["file"]) for m in entries]
+            entries = entries[: len(self.models)]
+        for m in entries if networks is None else []:
             try:
                 net = build_network(m["network"])
             except UnsupportedConfig as exc:
@@ -171,7 +206,9 @@ class FactorizerMember(Member):
     @classmethod
     def from_store(cls, device: str = "cpu", fast: bool = False, **kwargs) -> FactorizerMember:
         meta, folder = read_stored_member(NAME)
-        return cls(meta, folder, device=device, fast=fast, **kwargs)
+        member = cls(meta, folder, device=device, fast=fast, **kwargs)
+        member.weights_origin = weights_origin(meta)
+        return member
 
     # --- inference -------------------------------------------------------------------------------
     def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,21 +222,10 @@ class FactorizerMember(Member):
     def scaled_logit(self, case: Case) -> np.ndarray:
         """The reference's ensemble output on the DWI grid: ``mean_i(w_i * logit_i)`` (float32)."""
         self.check_inputs(case)
-        dwi = case.dwi
-        stack = np.stack(
-            [
-                np.asarray(dwi.data, dtype=np.float32),
-                _on_dwi_grid(case.adc, dwi, "ADC"),
-                _on_dwi_grid(case.flair, dwi, "FLAIR"),
-            ]
-        )
-        stack = normalize_nonzero(np.ascontiguousarray(stack))
-        x = torch.from_numpy(stack)[None].to(self.device)
-        shape = tuple(dwi.shape[:3])
-        new = resized_shape(shape, dwi.spacing, self.config["spacing"])
+        x, _, new = network_input(self.config, case)
+        x = x[None].to(self.device)
+        shape = tuple(case.dwi.shape[:3])
         mode, align = self.config["resize"]["mode"], self.config["resize"]["align_corners"]
-        if new is not None:
-            x = F.interpolate(x, size=new, mode=mode, align_corners=align)
         roi = [int(r) for r in self.config["roi_size"]]
         padded, crop = pad_to_patch(x[0], roi, value=float(self.config["pad_value"]))
         starts = [

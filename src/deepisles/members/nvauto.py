@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from deepisles.engine.sliding_window import monai09_gaussian, monai_starts, pad_to_patch, sliding_window
-from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member
+from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member, weights_origin
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,56 @@ def decision_consistent(prob: torch.Tensor, decision: torch.Tensor, threshold: f
     return prob
 
 
+def network_input(config: dict, case: Case, label: np.ndarray | None = None):
+    """The networks' input grid, shared by inference and training: the ``inputs`` channels resampled to
+    ``pixdim`` (MONAI 0.9.0 ``Spacing``) and z-scored on their non-zero voxels.
+
+    Returns ``(image (C, *S1) float32, label (*S1) uint8 or None, target affine float64, native affine)``;
+    ``label`` (on the DWI grid) goes through the same resampling and is thresholded at 0.5.
+    """
+    cfg = {**DEFAULT_CONFIG, **config}
+    chans = [np.asarray(case.modality(m).data, dtype=np.float32) for m in cfg["inputs"]]
+    img = torch.from_numpy(np.stack(chans, 0))
+    affine = np.asarray(case.dwi.affine, dtype=np.float64)
+    target, shape1 = spacing_target(img.shape[1:], affine, cfg["pixdim"])
+    rs = cfg["resample"]
+    img1 = resample(img, affine, target, shape1, mode=rs["mode"], padding_mode=rs["padding_mode"])
+    if cfg["normalize"].get("nonzero", True):
+        img1 = normalize_nonzero(img1)
+    lab1 = None
+    if label is not None:
+        lab = torch.from_numpy(np.asarray(label, dtype=np.float32))[None]
+        lab1 = (resample(lab, affine, target, shape1, mode="bilinear", padding_mode="zeros")[0] >= 0.5)
+        lab1 = lab1.numpy().astype(np.uint8)
+    return img1, lab1, target, affine
+
+
+def build_segresnet(spec: dict) -> torch.nn.Module:
+    """A MONAI ``SegResNet`` from a stored ``network`` entry ``{"class": "SegResNet", "kwargs": {...}}`` (the
+    format ``deepisles train`` writes; the official NVAUTO models are TorchScript instead)."""
+    from monai.networks.nets import SegResNet
+
+    if spec.get("class") != "SegResNet":
+        raise MemberUnavailable(NAME, f"unsupported network class {spec.get('class')!r} in member.json")
+    kw = dict(spec.get("kwargs", {}))
+    for k in ("blocks_down", "blocks_up"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return SegResNet(**kw)
+
+
+def load_model(folder: Path, name: str, meta: dict, device: torch.device) -> torch.nn.Module:
+    """One stored model: TorchScript (``.ts``, official) or safetensors + the ``network`` spec (trained)."""
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        net = build_segresnet(meta.get("network", {}))
+        net.load_state_dict(load_file(str(Path(folder) / name)), strict=True)
+        return net.eval().requires_grad_(False).to(device)
+    # TorchScript archive: torch.jit.load rebuilds the scripted graph, it does not unpickle objects.
+    return load_torchscript(Path(folder) / name, device)
+
+
 # --- the member ---------------------------------------------------------------------------------
 class NvautoMember(Member):
     name = NAME
@@ -251,26 +301,16 @@ class NvautoMember(Member):
             chosen = [i for i in config.get("fast_models", []) if 0 <= i < len(names)] or [0]
             names = [names[i] for i in chosen]
         dev = torch.device(device)
-        models = []
-        for n in names:
-            # TorchScript archive: torch.jit.load rebuilds the scripted graph, it does not unpickle objects.
-            m = load_torchscript(Path(folder) / n, dev)
-            models.append(m)
-        return cls(models, config, device=dev, model_names=names, fast=fast)
+        models = [load_model(folder, n, meta, dev) for n in names]
+        member = cls(models, config, device=dev, model_names=names, fast=fast)
+        member.weights_origin = weights_origin(meta)
+        return member
 
     # -- preprocessing (CPU, as the reference's data loader) --
     def preprocess(self, case: Case) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """[ADC, DWI] on the 1 mm grid, z-scored: (image (C, *S1) float32 on CPU, 1 mm affine float32,
         native affine)."""
-        cfg = self.config
-        chans = [np.asarray(case.modality(m).data, dtype=np.float32) for m in cfg["inputs"]]
-        img = torch.from_numpy(np.stack(chans, 0))
-        affine = np.asarray(case.dwi.affine, dtype=np.float64)
-        target, shape1 = spacing_target(img.shape[1:], affine, cfg["pixdim"])
-        rs = cfg["resample"]
-        img1 = resample(img, affine, target, shape1, mode=rs["mode"], padding_mode=rs["padding_mode"])
-        if cfg["normalize"].get("nonzero", True):
-            img1 = normalize_nonzero(img1)
+        img1, _, target, affine = network_input(self.config, case)
         return img1, target.astype(np.float32), affine
 
     def importance(self) -> torch.Tensor:

@@ -54,9 +54,18 @@ def installed_members() -> list[str]:
 def read_member(name: str, verify: bool = False) -> tuple[dict, Path]:
     """The member's config and folder; ``verify`` re-checks every file's SHA-256."""
     folder = member_dir(name)
-    meta_path = folder / MEMBER_FILE
-    if not meta_path.is_file():
+    if not (folder / MEMBER_FILE).is_file():
         raise FileNotFoundError(f"no weights for member {name} in {weights_dir()}")
+    return read_member_folder(folder, verify)
+
+
+def read_member_folder(folder: Path, verify: bool = False) -> tuple[dict, Path]:
+    """``member.json`` of a member folder in the store format (the store's, a packaged or an exported one)."""
+    folder = Path(folder)
+    meta_path = folder / MEMBER_FILE
+    name = folder.name
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no such member description")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
@@ -78,7 +87,12 @@ def write_member(name: str, meta: dict, files: dict[str, callable], overwrite: b
     ``files`` maps each file name to a function writing that file to a given path. Checksums are computed
     after writing and recorded in ``member.json``.
     """
-    dest = member_dir(name)
+    return write_member_folder(member_dir(name), name, meta, files, overwrite)
+
+
+def write_member_folder(dest: Path, name: str, meta: dict, files: dict[str, callable], overwrite: bool = False) -> Path:
+    """A member folder in the store format at ``dest`` (the store's or any other), written atomically."""
+    dest = Path(dest)
     if dest.exists() and not overwrite:
         raise DeepIslesError(f"{dest}: member {name} is already installed; pass --overwrite to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)

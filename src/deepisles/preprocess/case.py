@@ -1,0 +1,59 @@
+"""From validated inputs to the members' ``Case``: FLAIR registered to the DWI, brain mask, skull strip.
+
+One source of truth for ``deepisles segment`` and ``deepisles train``: a network sees the same images in
+training as at inference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from deepisles.io.load import LoadedInputs
+from deepisles.members.base import Case
+
+
+def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "cpu",
+               say=lambda _msg: None) -> tuple[Case, dict, list[str], dict]:  # fmt: skip
+    """``(case, steps, warnings, timing)`` for validated inputs (see ``deepisles.io.load.load_inputs``).
+
+    ``steps`` gains ``flair_registration`` and ``skull_strip``; ``warnings`` are new warnings only.
+    """
+    from deepisles.preprocess.brain_mask import brain_mask
+
+    steps: dict = {}
+    warnings: list[str] = []
+    timing: dict[str, float] = {}
+    flair_img = None
+    if loaded.flair is not None:
+        from deepisles.preprocess.register import register_to
+
+        say("registering FLAIR to DWI")
+        t = time.perf_counter()
+        flair_img, reg_info = register_to(loaded.flair, loaded.dwi)
+        steps["flair_registration"] = reg_info
+        timing["register"] = time.perf_counter() - t
+
+    say(f"brain mask ({skull_strip})")
+    t = time.perf_counter()
+    brain, mask_info = brain_mask(loaded.dwi, skull_strip, device=device, flair=flair_img)
+    steps["skull_strip"] = mask_info
+    timing["brain_mask"] = time.perf_counter() - t
+    nonzero = np.asarray(loaded.dwi.data) != 0
+    if mask_info.get("chosen") in ("classical", "hdbet") and (~nonzero).mean() > 0.25:
+        kept = float((brain & nonzero).sum()) / max(int(nonzero.sum()), 1)
+        if kept < 0.85:
+            warnings.append(
+                f"--skull-strip {skull_strip} kept only {kept:.0%} of the non-zero DWI region, which already looks "
+                "skull-stripped; lesions outside the brain mask are lost (check preview.png; --skull-strip auto "
+                "uses the existing background)"
+            )
+
+    dwi_img, adc_img = loaded.dwi, loaded.adc
+    if mask_info.get("chosen") in ("classical", "hdbet"):  # as DeepISLES: members see skull-stripped DWI/ADC/FLAIR
+        dwi_img = dwi_img.with_data(np.where(brain, dwi_img.data, 0).astype(dwi_img.data.dtype))
+        adc_img = adc_img.with_data(np.where(brain, adc_img.data, 0).astype(adc_img.data.dtype))
+        if flair_img is not None:
+            flair_img = flair_img.with_data(np.where(brain, flair_img.data, 0).astype(np.float32))
+    return Case(dwi=dwi_img, adc=adc_img, brain=brain, flair=flair_img), steps, warnings, timing
