@@ -50,3 +50,24 @@ def _isolated_weight_store(tmp_path_factory, monkeypatch):
     clear_cache()
     yield
     clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _packaged_default_models_off(request, monkeypatch, tmp_path_factory):
+    """Tests see no packaged default models unless they ask for the ``default_models`` fixture: the classical
+    fallback, "no weights installed" and the official-parity tests stay what they test, and stay fast."""
+    if "default_models" in request.fixturenames:
+        return
+    from deepisles.members import base
+
+    monkeypatch.setattr(base, "DEFAULT_MODELS_DIR", tmp_path_factory.getbasetemp() / "no-default-models")
+
+
+@pytest.fixture
+def default_models() -> Path:
+    """The default models shipped in the package (trained by scripts/train_default_models.py)."""
+    from deepisles.members import base
+
+    missing = [m for m in ("seals", "nvauto", "factorizer") if not base.has_default_model(m)]
+    assert not missing, f"packaged default models missing: {missing} (src/deepisles/default_models)"
+    return base.DEFAULT_MODELS_DIR

@@ -76,7 +76,7 @@ def segment(
     flair: Annotated[str | None, typer.Option("--flair", help="Optional FLAIR; registered to the DWI.")] = None,
     bval: Annotated[str | None, typer.Option("--bval", help="b-values of a 4D DWI (default: a .bval/.json beside it).")] = None,
     skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto (use zero background if skull-stripped, else classical) | none | classical | hdbet (needs deepisles[hdbet]).")] = "auto",
-    members: Annotated[str, typer.Option("--members", help="Comma-separated members, or auto (installed weights; classical when none).")] = "auto",
+    members: Annotated[str, typer.Option("--members", help="Comma-separated members (seals, nvauto, factorizer, classical), or auto: installed weights, else the packaged default models (trained on synthetic data).")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
     fast: Annotated[bool, typer.Option("--fast", help="Faster, approximate: SEALS without test-time mirroring, NVAUTO 5 of 15 models, FACTORIZER Res-U-Nets only (docs/deviations.md).")] = False,
     save_members: Annotated[bool, typer.Option("--save-members", help="Also write members/<name>_prob.nii.gz for each member.")] = False,
@@ -177,6 +177,66 @@ def demo(
         f"against the synthetic ground truth: Dice {m['dice']:.3f}, lesion F1 {m['lesion_f1']:.3f}, "
         f"|Δvolume| {m['abs_volume_diff_ml']:.2f} mL"
     )
+
+
+@app.command()
+@_friendly
+def train(
+    member: Annotated[str, typer.Option("--member", help="seals | nvauto | factorizer")],
+    data: Annotated[Path | None, typer.Option("--data", help="ISLES'22-layout dataset (rawdata/… + derivatives/…, or sub-*/ses-*/{dwi,anat}/… + derivatives/…).")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Train on synthetic cases generated on the fly (domain-randomised) instead of --data.")] = False,
+    run_dir: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder (default runs/<member>); fold K goes to <out>/fold_K.")] = None,
+    fold: Annotated[int, typer.Option("--fold", help="Fold to train (0-based).", min=0)] = 0,
+    folds: Annotated[int, typer.Option("--folds", help="Number of cross-validation folds (by subject); 1 = all cases, no validation.", min=1)] = 5,
+    init: Annotated[str, typer.Option("--init", help="none (compact recipe, random weights) | default (packaged default model) | official (imported official weights: fine-tuning).")] = "none",
+    arch: Annotated[str, typer.Option("--arch", help="FACTORIZER architecture to train: resunet | swin-factorizer (the latter with --init official).")] = "resunet",
+    iterations: Annotated[int, typer.Option("--iterations", help="Training iterations (batches).", min=1)] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 2,
+    patch: Annotated[str | None, typer.Option("--patch", help="Training patch as X,Y,Z voxels of the network grid (default: the member's inference window).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-3; 1e-4 with --init official/default).")] = None,
+    val_every: Annotated[int, typer.Option("--val-every", help="Validate (ISLES'22 metrics on held-out cases) every N iterations; 0 = never.", min=0)] = 250,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (under torchrun each process takes its local GPU).")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: float16 on CUDA, bfloat16 on CPU.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in <out>/fold_K from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the fold again over an earlier run, and replace an installed member of the same name.")] = False,
+    install: Annotated[bool, typer.Option("--install/--no-install", help="Install the trained member into the weight store ($DEEPISLES_HOME).")] = True,
+) -> None:
+    """Train or fine-tune one member (one fold) with the inference preprocessing; the result is a member `segment` uses.
+
+    Multi-GPU: torchrun --nproc_per_node N -m deepisles train ... (DDP; gloo on CPU).
+    """
+    from deepisles.training.loop import TrainConfig
+    from deepisles.training.loop import train as run_training
+
+    if (data is None) == (not synthetic):
+        raise DeepIslesError("give either --data DIR or --synthetic")
+    if data is not None and not data.is_dir():
+        raise DeepIslesError(f"{data}: no such dataset folder")
+    if fold >= folds:
+        raise DeepIslesError(f"--fold {fold} must be below --folds {folds}")
+    patch_size = None
+    if patch:
+        try:
+            patch_size = [int(v) for v in patch.split(",")]
+        except ValueError:
+            patch_size = []
+        if len(patch_size) != 3 or min(patch_size) < 8:
+            raise DeepIslesError(f"--patch {patch}: expected three sizes >= 8, e.g. 64,64,64")
+    cfg = TrainConfig(member=member.lower(), out=run_dir or Path("runs") / member.lower(), data=data, fold=fold,
+                      folds=folds, init=init, arch=arch, iterations=iterations, batch_size=batch_size, lr=lr,
+                      patch=patch_size,
+                      val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, device=device, amp=amp,
+                      resume=resume, overwrite=overwrite, install=install)  # fmt: skip
+    summary = run_training(cfg, progress=True, say=lambda m: err.print(m, highlight=False))
+    table = Table(title=f"trained {summary['member']} fold {summary['fold']}", show_header=False)
+    for key in ("iterations", "seconds", "device", "world_size", "val_dice", "val_f1", "weights", "member_folder",
+                "installed"):
+        if key in summary:
+            v = summary[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
 
 
 weights_app = typer.Typer(help="Manage model weights: import the official DeepISLES weights, list, download.",

@@ -49,6 +49,7 @@ class TrainConfig:
     folds: int = 5
     init: str = "none"  # none | default | official
     arch: str = "resunet"  # FACTORIZER: which architecture of the family to train
+    patch: list[int] | None = None  # training patch; default: the member's inference window
     iterations: int = 2000
     batch_size: int = 2
     lr: float | None = None  # default 1e-3 from scratch, 1e-4 when fine-tuning
@@ -185,7 +186,7 @@ def augmentation(seed: int):
 def _batch(pool: Pool, trainable: Trainable, aug, rng, cfg: TrainConfig):
     xs, ys = [], []
     for _ in range(cfg.batch_size):
-        img, lab = random_patch(pool.draw(rng), trainable.patch, rng, cfg.pos_fraction)
+        img, lab = random_patch(pool.draw(rng), trainable.train_patch, rng, cfg.pos_fraction)
         d = aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
                  "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32))})
         xs.append(torch.as_tensor(d["image"]).float())
@@ -305,6 +306,8 @@ def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
     torch.manual_seed(cfg.seed * 1000 + rank)
 
     trainable = make_trainable(cfg.member, cfg.init, cfg.fold, cfg.arch)
+    if cfg.patch:
+        trainable.patch_override = [int(p) for p in cfg.patch]
     net = trainable.network.to(device).train()
     base_lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.init == "none" else 1e-4)
     opt = torch.optim.AdamW(net.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
@@ -354,7 +357,10 @@ def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters: nnU-Net's deep-supervision heads exist (for the official state dicts) but the
+        # loss uses the full-resolution output only
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
     loss_fn = trainable.loss()
     use_amp = cfg.amp
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16

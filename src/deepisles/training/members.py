@@ -103,6 +103,12 @@ class Trainable:
 
     def __init__(self, meta: dict, network: torch.nn.Module, fold: int):
         self.meta, self.network, self.fold = meta, network, int(fold)
+        self.patch_override: list[int] | None = None
+
+    @property
+    def train_patch(self) -> list[int]:
+        """Training patch: the inference window unless overridden (``--patch``)."""
+        return self.patch_override or self.patch
 
     # training
     @property
@@ -270,7 +276,9 @@ def _nvauto_from(meta: dict, folder: Path | None, fold: int) -> tuple[dict, torc
         raise DeepIslesError(f"{folder}: member.json lists no NVAUTO models")
     name = names[fold % len(names)]
     net = load_model(folder, name, meta, torch.device("cpu"))
-    net.train().requires_grad_(True)
+    net.train()
+    for p in net.parameters():  # (ScriptModules have no requires_grad_)
+        p.requires_grad_(True)
     return meta, net
 
 
