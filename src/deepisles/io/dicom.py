@@ -19,6 +19,9 @@ Rules
 * **Slice order.** Within a volume, slices are sorted by their position along the slice normal
   (ImagePositionPatient . (row x column cosines)); two images at one position in one volume (several
   diffusion directions, echoes...) are refused: export the trace/one-echo series instead.
+* **Source files.** ``meta['dicom_files']`` lists, per volume (one list for a 3D image, one per b-value
+  volume of a 4D one, in the order of the 4th axis), the file paths in slice order (``data[:, :, k]`` is
+  file ``k``). :mod:`deepisles.outputs.dicom_seg` uses them to reference the source instances.
 """
 
 from __future__ import annotations
@@ -259,6 +262,7 @@ def _read_volume(files: list[_File], path: Path, label: str, what: str) -> Image
     if simg.GetDimension() == 2:
         simg = sitk.JoinSeries([simg])
     img = Image.from_sitk(simg, str(path))
+    img.meta["dicom_files"] = [names]
     return img
 
 
@@ -347,7 +351,8 @@ def read_dicom(path: Path, role: str) -> Image:
     if all(v.same_grid(vols[0]) and v.data.ndim == 3 for v in vols):
         data = np.stack([np.asarray(v.data) for v in vols], axis=-1)
         img = Image(data, vols[0].affine, str(path))
-        return _finish(img, {**meta, "split_by_bvalue": True}, bvals)
+        files = [v.meta["dicom_files"][0] for v in vols]
+        return _finish(img, {**meta, "split_by_bvalue": True, "dicom_files": files}, bvals)
     if role != "dwi":
         raise InputError(path, f"{label} DICOM series holds volumes with b-values {bvals} on different grids")
     best = int(np.argmin([abs(b - 1000.0) for b in bvals]))
