@@ -12,7 +12,7 @@ import numpy as np
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 
-OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "preview.png")
+OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png")
 MEMBERS_DIR = "members"
 
 Progress = Callable[[str], None]
@@ -108,6 +108,7 @@ def segment(
     from deepisles.io.load import load_inputs
     from deepisles.io.write import check_output_dir
     from deepisles.members import MemberUnavailable, resolve_members
+    from deepisles.postprocess.biomarkers import compute_biomarkers
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
     from deepisles.preprocess.case import build_case
 
@@ -169,6 +170,14 @@ def segment(
     prob_img = loaded.dwi.with_data(prob_arr.astype(np.float32))
     summary = lesion_summary(mask_img)
     table = lesion_table(mask_img, loaded.adc)
+    say("lesion location and biomarkers")
+    t = time.perf_counter()
+    location_rows, bio = compute_biomarkers(mask_img, loaded.dwi, case.brain, case.flair)
+    by_id = {r["id"]: r for r in location_rows}
+    for row in table:
+        row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k != "id"})
+    warnings.extend(bio["warnings"])
+    timing["biomarkers"] = time.perf_counter() - t
 
     inputs = {
         "dwi": _input_record(dwi, loaded.dwi),
@@ -197,6 +206,9 @@ def segment(
         timing_s=timing,
         device=device_used,
         fast=fast,
+        lesion_location=bio["lesions"],
+        location=bio["location"],
+        mismatch=bio["mismatch"],
     )
     result = SegmentationResult(
         mask_img, prob_img, report, results, Path(outdir) if outdir else None,
@@ -218,10 +230,11 @@ def write_outputs(
     preview: bool = True,
     save_members: bool = False,
 ) -> None:
-    """Write mask, probability, member probabilities, preview and (last, as the completion marker)
+    """Write mask, probability, member probabilities, preview, lesions.csv and (last, as the completion marker)
     report.json, each atomically."""
-    from deepisles.io.write import write_json_atomic, write_nifti_atomic
+    from deepisles.io.write import write_json_atomic, write_nifti_atomic, write_text_atomic
     from deepisles.outputs.preview import render_preview
+    from deepisles.outputs.report import lesions_csv
 
     outdir.mkdir(parents=True, exist_ok=True)
     write_nifti_atomic(outdir / "lesion_mask.nii.gz", result.mask.to_nifti(np.uint8))
@@ -237,6 +250,7 @@ def write_outputs(
         lz = result.report["lesions"]
         title = f"deepisles: lesion {lz['volume_ml']:.2f} mL in {lz['count']} component(s)"
         render_preview(outdir / "preview.png", images, result.mask, title=title, brain=result.brain)
+    write_text_atomic(outdir / "lesions.csv", lesions_csv(result.report["lesions"]["table"]))
     write_json_atomic(outdir / "report.json", result.report)
 
 

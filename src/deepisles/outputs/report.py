@@ -1,9 +1,11 @@
-"""report.json: what was read, what was done, which members ran, and the lesion numbers."""
+"""report.json: what was read, what was done, which members ran, and the lesion numbers; lesions.csv."""
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import hashlib
+import io
 import platform
 from pathlib import Path
 
@@ -38,7 +40,13 @@ def build_report(
     timing_s: dict[str, float],
     device: str,
     fast: bool = False,
+    lesion_location: dict | None = None,
+    location: dict | None = None,
+    mismatch: dict | None = None,
 ) -> dict:
+    """The report. ``lesion_location`` (case-level ``hemisphere``, ``lobes``, ``regions``), ``location`` and
+    ``mismatch`` come from :func:`deepisles.postprocess.biomarkers.compute_biomarkers`."""
+    loc = lesion_location or {}
     return {
         "tool": {"name": "deepisles", "version": __version__, "python": platform.python_version()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -51,11 +59,42 @@ def build_report(
             "count": summary["count"],
             "voxels": summary["voxels"],
             "connectivity": 26,
+            "hemisphere": loc.get("hemisphere"),
+            "lobes": loc.get("lobes", []),
+            "regions": loc.get("regions", []),
             "table": lesions,
         },
+        "location": location,
+        "mismatch": mismatch,
         "outputs": outputs,
         "device": device,
         "fast_mode": fast,
         "warnings": warnings,
         "timing_s": {k: round(v, 3) for k, v in timing_s.items()},
     }
+
+
+#: lesions.csv columns, in order (docs/biomarkers.md).
+CSV_COLUMNS = (
+    "id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "max_extent_mm",
+    "mean_adc_1e-3_mm2_s", "min_adc_1e-3_mm2_s", "hemisphere", "lobes", "regions", "atlas_unlabelled_fraction",
+    "centroid_mni_x", "centroid_mni_y", "centroid_mni_z",
+)  # fmt: skip
+
+
+def lesions_csv(table: list[dict]) -> str:
+    """The per-lesion table as CSV text: one row per lesion, lists joined with ";" (regions as name:fraction);
+    fields a row lacks (e.g. location when registration failed) are empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        out = {k: row.get(k, "") for k in CSV_COLUMNS}
+        for i, axis in enumerate("xyz"):
+            out[f"centroid_{axis}_mm"] = row["centroid_mm"][i] if "centroid_mm" in row else ""
+            out[f"centroid_mni_{axis}"] = row["centroid_mni"][i] if row.get("centroid_mni") else ""
+        out["lobes"] = ";".join(row.get("lobes") or [])
+        out["regions"] = ";".join(f"{r['name']}:{r['fraction']}" for r in row.get("regions") or [])
+        out["hemisphere"] = row.get("hemisphere") or ""
+        writer.writerow(out)
+    return buf.getvalue()

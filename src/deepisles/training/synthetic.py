@@ -7,7 +7,12 @@ extra randomisation of what real scans vary in and the generator keeps narrow:
 * DWI contrast: a gamma curve around the brain median (lesion-to-brain DWI ratio from ~1.2x to ~4x; the
   generator alone gives 1.3-3x while real acute lesions reach 2-4x), and a smooth per-lesion brightening;
 * a global ADC scale (vendor/fit differences, +-10 %) and FLAIR gamma;
-* a second multiplicative bias field, extra Gaussian noise and, sometimes, blur (lower effective resolution).
+* a second multiplicative bias field, extra Gaussian noise and, sometimes, blur (lower effective resolution);
+* lesion ADC severity: the lesion's ADC drop is weakened by up to 40 % (subtle, partial-volume lesions);
+* distractors that are not lesions: up to four smooth DWI-bright regions with normal ADC, mostly at the brain
+  edge, like the EPI pile-up/susceptibility artefacts and T2 shine-through of real scans. A network trained
+  without them marks every bright DWI spot (seen on the real ISLES'22 case: false positives with DWI 1.9x the
+  brain median and normal ADC, 3 voxels from the brain edge); with them it has to read the ADC.
 
 The label is never changed. ``SyntheticSource`` yields ``(Case, label)`` pairs built through the same
 ``build_case`` as ``deepisles segment``.
@@ -31,7 +36,11 @@ class Randomisation:
     """Ranges of the extra domain randomisation (all on by default; ``none()`` switches it off)."""
 
     dwi_gamma: tuple[float, float] = (0.8, 1.5)
-    lesion_boost: tuple[float, float] = (1.0, 1.6)
+    lesion_boost: tuple[float, float] = (0.8, 1.6)
+    lesion_adc_weaken: tuple[float, float] = (0.0, 0.4)
+    distractors: int = 4
+    distractor_dwi: tuple[float, float] = (1.3, 2.3)
+    distractor_radius_mm: tuple[float, float] = (3.0, 12.0)
     adc_scale: tuple[float, float] = (0.9, 1.1)
     flair_gamma: tuple[float, float] = (0.7, 1.4)
     bias_sd: float = 0.15
@@ -41,7 +50,7 @@ class Randomisation:
 
     @classmethod
     def none(cls) -> Randomisation:
-        return cls((1, 1), (1, 1), (1, 1), (1, 1), 0.0, (0.0, 0.0), 0.0, (0.0, 0.0))
+        return cls((1, 1), (1, 1), (0, 0), 0, (1, 1), (0, 0), (1, 1), (1, 1), 0.0, (0.0, 0.0), 0.0, (0.0, 0.0))
 
 
 def _gamma(x: np.ndarray, brain: np.ndarray, g: float) -> np.ndarray:
@@ -58,9 +67,13 @@ def randomise(sc: SynthCase, rng: np.random.Generator, r: Randomisation | None =
     label = np.asarray(sc.mask.data) > 0
     brain = dwi > 0
     dwi = _gamma(dwi, brain, rng.uniform(*r.dwi_gamma))
-    if label.any() and r.lesion_boost[1] > 1:
-        weight = ndi.gaussian_filter(label.astype(np.float32), 0.7)
-        dwi *= 1.0 + (rng.uniform(*r.lesion_boost) - 1.0) * np.clip(weight * 1.5, 0, 1)
+    if label.any():
+        weight = np.clip(ndi.gaussian_filter(label.astype(np.float32), 0.7) * 1.5, 0, 1)
+        dwi *= 1.0 + (rng.uniform(*r.lesion_boost) - 1.0) * weight
+        adc *= 1.0 + rng.uniform(*r.lesion_adc_weaken) * weight * (adc < 0.8)
+    spacing = np.asarray(sc.dwi.spacing, dtype=np.float64)
+    for _ in range(int(rng.integers(0, r.distractors + 1)) if brain.any() else 0):
+        _distractor(dwi, adc, brain, label, spacing, rng, r)
     if r.bias_sd > 0:
         field = np.exp(r.bias_sd * smooth_noise(rng, dwi.shape, max(dwi.shape) / 4.0))
         dwi *= field
@@ -79,6 +92,25 @@ def randomise(sc: SynthCase, rng: np.random.Generator, r: Randomisation | None =
         f = np.asarray(flair.data, dtype=np.float32)
         flair = flair.with_data(_gamma(f, f > 0, rng.uniform(*r.flair_gamma)))
     return SynthCase(dwi=sc.dwi.with_data(dwi), adc=sc.adc.with_data(adc), flair=flair, mask=sc.mask, meta=sc.meta)
+
+
+def _distractor(dwi, adc, brain, label, spacing, rng, r: Randomisation) -> None:
+    """One DWI-bright, ADC-normal smooth blob (not a lesion), in place; 70 % of them touch the brain edge."""
+    edge = ndi.binary_erosion(brain, iterations=3)
+    pool = np.argwhere(brain & ~edge) if rng.random() < 0.7 else np.argwhere(brain)
+    if len(pool) == 0:
+        return
+    centre = pool[int(rng.integers(len(pool)))]
+    radius = rng.uniform(*r.distractor_radius_mm) / spacing * rng.uniform(0.6, 1.4, 3)
+    lo = np.maximum(centre - np.ceil(2 * radius).astype(int), 0)
+    hi = np.minimum(centre + np.ceil(2 * radius).astype(int) + 1, dwi.shape)
+    grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    d2 = sum(((g - c) / rad) ** 2 for g, c, rad in zip(grid, centre, radius, strict=True))
+    w = np.exp(-d2).astype(np.float32)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    w *= brain[sl] & ~label[sl]
+    dwi[sl] *= 1.0 + (rng.uniform(*r.distractor_dwi) - 1.0) * w
+    adc[sl] *= 1.0 + rng.uniform(0.0, 0.15) * w
 
 
 def synth_to_case(sc: SynthCase, device: str = "cpu") -> tuple[Case, np.ndarray]:
