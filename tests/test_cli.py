@@ -63,8 +63,11 @@ def test_segment_writes_outputs_on_dwi_grid(case):
     res = _run(["segment", "--dwi", case["dwi"], "--adc", case["adc"], "-o", case["out"], "--device", "cpu"])
     assert res.exit_code == 0, res.output + res.stderr
     out = case["out"]
-    for name in ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "preview.png"):
+    for name in ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "preview.png", "lesions.csv",
+                 "report.html"):
         assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert "niivue" in html.lower() and "data-viewer" in html
     m = nib.load(out / "lesion_mask.nii.gz")
     dwi = nib.load(case["dwi"])
     assert m.shape == dwi.shape and np.allclose(m.affine, dwi.affine)

@@ -247,3 +247,35 @@ def test_mask_off_the_dwi_grid_is_refused(tmp_path):
     moved = Image(img.data, shifted.affine, img.source, img.meta)
     with pytest.raises(DeepIslesError, match="voxel off|outside the mask grid"):
         write_dicom_seg(shifted, moved, tmp_path / "s.dcm", algorithm_version="1")
+
+
+def test_cli_output_type_dicom_seg(real_study, tmp_path):
+    """`segment --output-type dicom-seg` on DICOM input writes lesion_seg.dcm next to the NIfTI mask, equal to it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from deepisles.cli import app
+
+    folder, out = real_study["folder"], tmp_path / "cli"
+    res = CliRunner().invoke(app, ["segment", "--dwi", str(folder), "--adc", str(folder), "-o", str(out),
+                                   "--members", "classical", "--device", "cpu", "--no-preview", "--no-html",
+                                   "--output-type", "dicom-seg"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"]["dicom_seg"] == "lesion_seg.dcm" and "report.html" not in report["outputs"]
+    mask_nii = nib.load(out / "lesion_mask.nii.gz")
+    seg = hd.seg.segread(out / "lesion_seg.dcm")
+    assert np.array_equal(seg_to_grid(seg, mask_nii.affine, mask_nii.shape), np.asarray(mask_nii.dataobj))
+
+
+def test_cli_dicom_seg_of_nifti_input_fails_before_writing(isles22_case, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepisles.cli import app
+
+    out = tmp_path / "x"
+    res = CliRunner().invoke(app, ["segment", "--dwi", str(isles22_case["dwi"]), "--adc", str(isles22_case["adc"]),
+                                   "-o", str(out), "--members", "classical", "--output-type", "dicom-seg"])  # fmt: skip
+    assert res.exit_code == 2 and "DICOM" in res.output
+    assert not out.exists() or not any(out.iterdir())

@@ -12,7 +12,9 @@ import numpy as np
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 
-OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png")
+OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png", "report.html")
+SEG_NAME = "lesion_seg.dcm"  # --output-type dicom-seg
+OUTPUT_TYPES = ("nifti", "dicom-seg")
 MEMBERS_DIR = "members"
 
 Progress = Callable[[str], None]
@@ -89,6 +91,8 @@ def segment(
     save_members: bool = False,
     overwrite: bool = False,
     preview: bool = True,
+    html: bool = True,
+    output_type: str = "nifti",
     progress: Progress | None = None,
 ) -> SegmentationResult:
     """Segment the acute ischemic lesion of one case.
@@ -116,7 +120,9 @@ def segment(
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
     if outdir is not None:
-        check_output_dir(Path(outdir), OUTPUT_NAMES + (MEMBERS_DIR,), overwrite)
+        check_output_dir(Path(outdir), OUTPUT_NAMES + (MEMBERS_DIR, SEG_NAME), overwrite)
+    if output_type not in OUTPUT_TYPES:
+        raise DeepIslesError(f"--output-type {output_type}: expected one of {', '.join(OUTPUT_TYPES)}")
     device_used = resolve_device(device)
     say("loading members")
     run_members, skipped = resolve_members(members, device_used, fast)
@@ -125,6 +131,10 @@ def segment(
     t = time.perf_counter()
     loaded = load_inputs(dwi, adc, flair, bval_path=bval)
     timing["load"] = time.perf_counter() - t
+    if output_type == "dicom-seg":
+        from deepisles.outputs.dicom_seg import require_dicom_dwi
+
+        require_dicom_dwi(loaded.dwi)  # before any work: DICOM SEG needs the DWI's source instances
     warnings = list(loaded.warnings)
     steps = dict(loaded.steps)
 
@@ -186,7 +196,11 @@ def segment(
     }
     if bval is not None:
         inputs["bval"] = _input_record(bval, None)
-    outputs = {name: name for name in OUTPUT_NAMES if preview or name != "preview.png"} if outdir else {}
+    skip = {"preview.png"} if not preview else set()
+    skip |= {"report.html"} if not html else set()
+    outputs = {name: name for name in OUTPUT_NAMES if name not in skip} if outdir else {}
+    if outdir and output_type == "dicom-seg":
+        outputs["dicom_seg"] = SEG_NAME
     if outdir and save_members:
         outputs.update({f"member_{r.name}": f"{MEMBERS_DIR}/{r.name}_prob.nii.gz" for r in results})
     timing["total"] = time.perf_counter() - t_all
@@ -217,7 +231,7 @@ def segment(
     if outdir is not None:
         say("writing outputs")
         write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, case.flair, preview=preview,
-                      save_members=save_members)
+                      save_members=save_members, html=html, dicom_seg=output_type == "dicom-seg")
     return result
 
 
@@ -229,9 +243,11 @@ def write_outputs(
     flair: Image | None,
     preview: bool = True,
     save_members: bool = False,
+    html: bool = True,
+    dicom_seg: bool = False,
 ) -> None:
-    """Write mask, probability, member probabilities, preview, lesions.csv and (last, as the completion marker)
-    report.json, each atomically."""
+    """Write mask, probability, member probabilities, preview, lesions.csv, report.html, the DICOM SEG (when
+    asked) and (last, as the completion marker) report.json, each atomically."""
     from deepisles.io.write import write_json_atomic, write_nifti_atomic, write_text_atomic
     from deepisles.outputs.preview import render_preview
     from deepisles.outputs.report import lesions_csv
@@ -251,6 +267,15 @@ def write_outputs(
         title = f"deepisles: lesion {lz['volume_ml']:.2f} mL in {lz['count']} component(s)"
         render_preview(outdir / "preview.png", images, result.mask, title=title, brain=result.brain)
     write_text_atomic(outdir / "lesions.csv", lesions_csv(result.report["lesions"]["table"]))
+    if dicom_seg:
+        from deepisles.outputs.dicom_seg import write_result_seg
+
+        write_result_seg(result.mask, dwi, outdir, members=[r.name for r in result.members])
+    if html:
+        from deepisles.outputs.html_report import write_html_report
+
+        write_html_report(outdir, result.report, dwi=dwi, adc=adc, mask=result.mask, flair=flair,
+                          preview_png=outdir / "preview.png" if preview else None, overwrite=True)
     write_json_atomic(outdir / "report.json", result.report)
 
 
