@@ -82,8 +82,10 @@ def segment(
     save_members: Annotated[bool, typer.Option("--save-members", help="Also write members/<name>_prob.nii.gz for each member.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results already in the output folder.")] = False,
     no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not write preview.png.")] = False,
+    no_html: Annotated[bool, typer.Option("--no-html", help="Do not write report.html (the offline report with the viewer).")] = False,
+    output_type: Annotated[str, typer.Option("--output-type", help="nifti (always written) | dicom-seg: also lesion_seg.dcm, a DICOM SEG referencing the DWI series (DICOM input only).")] = "nifti",
 ) -> None:
-    """Segment one case: writes lesion_mask.nii.gz, lesion_prob.nii.gz, report.json and preview.png on the DWI grid."""
+    """Segment one case: lesion_mask.nii.gz, lesion_prob.nii.gz, report.json, lesions.csv, report.html and preview.png on the DWI grid."""
     from deepisles.api import segment as api_segment
 
     if skull_strip not in SKULL_STRIP:
@@ -91,7 +93,8 @@ def segment(
     with err.status("starting") as status:
         result = api_segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
-            bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview, progress=lambda m: status.update(m),
+            bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview,
+            html=not no_html, output_type=output_type, progress=lambda m: status.update(m),
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -239,6 +242,75 @@ def train(
     out.print(table)
 
 
+@app.command()
+@_friendly
+def batch(
+    dataset: Annotated[Path, typer.Option("-i", "--input", help="BIDS / ISLES'22 dataset: DATASET/rawdata/sub-*/ses-*/... or DATASET/sub-*/..., files *_dwi, *_adc and optionally *_flair .nii/.nii.gz.")],
+    outroot: Annotated[Path | None, typer.Option("-o", "--output", help="Derivative dataset root (default DATASET/derivatives/deepisles).")] = None,
+    members: Annotated[str, typer.Option("--members", help="As for `segment`: auto, or a comma-separated list of seals, nvauto, factorizer, classical.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = "auto",
+    fast: Annotated[bool, typer.Option("--fast", help="Each member's faster, approximate mode (docs/deviations.md).")] = False,
+    shard: Annotated[str | None, typer.Option("--shard", help="K/N: run only shard K of N (every N-th case from the K-th), e.g. $SLURM_ARRAY_TASK_ID/8.")] = None,
+    skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto | none | classical | hdbet (as for `segment`).")] = "auto",
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the cases that failed in an earlier run (default: keep them failed).")] = False,
+) -> None:
+    """Segment every case of a dataset into BIDS derivatives (resumable, kill-safe, shardable; docs/batch.md).
+
+    Exit code 0 when every case of the shard is done, 1 when some failed (see failures.jsonl), 2 on usage errors."""
+    import time as _time
+
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from deepisles.batch import COHORT, FAILURES, parse_shard, run_batch
+
+    if skull_strip not in SKULL_STRIP:
+        raise DeepIslesError(f"--skull-strip {skull_strip}: expected one of {', '.join(SKULL_STRIP)}")
+    k, n = parse_shard(shard)
+    t0 = _time.perf_counter()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("finding cases, loading members", total=None)
+
+        def on_start(todo: int, handled: int) -> None:
+            bar.update(task, total=todo, description=f"{todo} to segment ({handled} already handled)")
+
+        def on_case(o) -> None:
+            bar.advance(task)
+            if o.status == "failed":
+                bar.console.print(f"[bold red]failed[/] {escape(o.case_id)}: {escape(o.error or '')}", highlight=False,
+                                  soft_wrap=True)
+
+        summary = run_batch(
+            dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
+            retry_failed=retry_failed, on_start=on_start, on_case=on_case,
+            on_step=lambda case, msg: bar.update(task, description=f"{case}: {msg}"),
+        )
+    table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
+    table.add_row("segmented now", str(summary.count("done")))
+    table.add_row("skipped (already done)", str(summary.count("skipped")))
+    table.add_row("failed", str(summary.count("failed")))
+    if summary.count("failed-before"):
+        table.add_row("failed earlier (not retried; --retry-failed)", str(summary.count("failed-before")))
+    table.add_row("time", f"{_time.perf_counter() - t0:.1f} s")
+    table.add_row("derivatives", str(summary.outroot))
+    table.add_row("cohort table", str(summary.outroot / COHORT))
+    if not summary.ok:
+        table.add_row("failure log", str(summary.outroot / FAILURES))
+    out.print(table)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 weights_app = typer.Typer(help="Manage model weights: import the official DeepISLES weights, list, download.",
                           no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
@@ -267,17 +339,25 @@ def weights_import(
 @weights_app.command("list")
 @_friendly
 def weights_list() -> None:
-    """List the members installed in the store."""
+    """List the members installed in the store, and the packaged default models used where none is installed."""
     from deepisles.weights import store
 
     table = Table(title=f"weights in {store.weights_dir()}")
     for col in ("member", "models", "source", "size (MB)"):
         table.add_column(col)
-    for name in store.installed_members():
-        meta, folder = store.read_member(name)
+    from deepisles.members import DEEP_MEMBERS
+    from deepisles.members.base import DEFAULT_MODELS_DIR, DEFAULT_MODELS_NOTE, has_default_model
+
+    installed = store.installed_members()
+    rows = [(name, *store.read_member(name)) for name in installed]
+    rows += [(f"{name} (default)", *store.read_member_folder(DEFAULT_MODELS_DIR / name))
+             for name in DEEP_MEMBERS if name not in installed and has_default_model(name)]
+    for name, meta, folder in rows:
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
         table.add_row(name, str(len(meta.get("files", {}))), str(meta.get("source", "")), f"{size:.1f}")
     out.print(table)
+    if any(name.endswith("(default)") for name, _, _ in rows):
+        out.print(f"(default): packaged {DEFAULT_MODELS_NOTE}; used when no weights of that member are installed")
 
 
 @weights_app.command("info")

@@ -11,7 +11,7 @@ ignored):
 
 Masks ``sub-X[_ses-Y]_msk.nii[.gz]`` are searched recursively under ``ROOT/derivatives`` (any pipeline
 subfolder) and, as a fallback, next to the images. Cases are keyed by (subject, session); a case without
-DWI, ADC or mask is skipped with a logged warning.
+DWI, ADC or (unless ``require_mask=False``, e.g. for inference) mask is skipped with a logged warning.
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ _Key = tuple[str, str | None]
 
 @dataclass(frozen=True)
 class TrainingCase:
-    """One training case: DWI, ADC, lesion mask and (optionally) FLAIR files."""
+    """One case: DWI, ADC, lesion mask and (optionally) FLAIR files; ``mask`` is None only for cases found
+    with ``find_cases(..., require_mask=False)``."""
 
     case_id: str  # "sub-strokecase0001_ses-0001" (subject + session when there is one)
     subject: str  # "sub-strokecase0001"
     dwi: Path
     adc: Path
-    mask: Path
+    mask: Path | None
     flair: Path | None = None
 
 
@@ -104,11 +105,14 @@ def _single(key: _Key, role: str, paths: list[Path]) -> Path | None:
     return paths[0]
 
 
-def find_cases(root: str | Path, require_flair: bool = False) -> list[TrainingCase]:
+def find_cases(
+    root: str | Path, require_flair: bool = False, require_mask: bool = True
+) -> list[TrainingCase]:
     """All usable training cases under ``root`` (layouts in the module docstring), sorted by case_id.
 
     Cases without DWI, ADC or mask (and without FLAIR when ``require_flair``) are skipped with a logged
-    warning. Raises :class:`DeepIslesError` when none is usable or a case has two files of one role.
+    warning; with ``require_mask=False`` cases without a mask are kept (``mask=None``), for inference.
+    Raises :class:`DeepIslesError` when none is usable or a case has two files of one role.
     """
     root = Path(root)
     if not root.is_dir():
@@ -148,7 +152,7 @@ def find_cases(root: str | Path, require_flair: bool = False) -> list[TrainingCa
             log.warning("skipping case %s: no %s file", cid, missing)
             skipped["no DWI/ADC"] += 1
             continue
-        if mask is None:
+        if mask is None and require_mask:
             log.warning("skipping case %s: no mask %s_msk.nii[.gz] under %s", cid, cid, derivatives)
             skipped["no mask"] += 1
             continue
@@ -163,7 +167,8 @@ def find_cases(root: str | Path, require_flair: bool = False) -> list[TrainingCa
         found = (
             f"{len(images)} case(s) with images found but none usable ({why})" if images else "no cases found"
         )
-        raise DeepIslesError(f"no training cases in {root}: {found}; {LAYOUTS}")
+        what = "training cases" if require_mask else "cases"
+        raise DeepIslesError(f"no {what} in {root}: {found}; {LAYOUTS}")
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -208,6 +213,8 @@ def load_case(case: TrainingCase, with_flair: bool = True) -> tuple[LoadedInputs
 
     Raises :class:`InputError` when the mask is not on the DWI grid (shape and affine).
     """
+    if case.mask is None:
+        raise DeepIslesError(f"case {case.case_id} has no lesion mask")
     flair = case.flair if with_flair else None
     loaded = load_inputs(case.dwi, case.adc, flair)
     mask = check_3d(read_image(case.mask, "mask"), "mask")

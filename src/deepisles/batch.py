@@ -1,0 +1,393 @@
+"""Segment a whole BIDS / ISLES'22 dataset into BIDS derivatives: resumable, kill-safe, shardable.
+
+Each case is segmented with :func:`deepisles.api.segment` (members loaded once, cached across cases), its files
+are written into a private work folder inside the output root, fsynced, and the folder is renamed onto
+``sub-X[/ses-Y]/dwi`` in one step: a kill at any moment leaves the complete case or nothing under the final
+names. A finished case is recognised by its mask sidecar, which records the SHA-256 of the case's other
+files. Work folders of dead runs are found by their lock (``flock``, released by the kernel when a process
+dies) and removed. See docs/batch.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepisles import __version__
+from deepisles.errors import DeepIslesError
+from deepisles.outputs.bids import (
+    BIDSIGNORE,
+    CaseNames,
+    bids_uri,
+    cohort_row,
+    cohort_tsv,
+    dataset_description,
+    mask_sidecar,
+    probseg_sidecar,
+    raw_link,
+)
+from deepisles.training.datasets import TrainingCase, find_cases
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no stale-work detection, no cross-process locks
+    fcntl = None  # type: ignore[assignment]
+
+WORK = ".deepisles-work"
+COHORT = "cohort.tsv"
+FAILURES = "failures.jsonl"
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    status: str  # "done" (segmented now) | "skipped" (already done) | "failed" | "failed-before" (not retried)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    outroot: Path
+    shard: tuple[int, int]
+    cases: int  # cases of this shard
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def ok(self) -> bool:
+        return not any(o.status in ("failed", "failed-before") for o in self.outcomes)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"K/N"`` (1 <= K <= N) -> ``(K, N)``; None -> ``(1, 1)``."""
+    if spec is None:
+        return 1, 1
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise DeepIslesError(f"--shard {spec}: expected K/N with 1 <= K <= N, e.g. 1/4")
+    return k, n
+
+
+def shard_cases(cases: list[TrainingCase], k: int, n: int) -> list[TrainingCase]:
+    """Shard K of N: every N-th case of the case-id order, starting at the K-th (deterministic, balanced)."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return ordered[k - 1 :: n]
+
+
+def case_names(case: TrainingCase) -> CaseNames:
+    return CaseNames(case.subject, case.case_id[len(case.subject) + 1 :] or None)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error on one line; internal errors keep their type name."""
+    msg = " ".join(str(exc).split())
+    return msg if isinstance(exc, DeepIslesError) and msg else f"{type(exc).__name__}: {msg}"
+
+
+# --- files and locks ----------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, blocking: bool) -> bool:
+    """Exclusive ``flock``; False when it is held elsewhere or locks do not work here (then nothing is
+    treated as stale; blocking callers go on unlocked)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:  # BlockingIOError: held by a live process; ENOLCK etc.: no locking on this file system
+        return False
+    return True
+
+
+@contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on a file or folder (blocking) for the ``with`` block."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _flock(fd, blocking=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def finished_sidecar(outroot: Path, names: CaseNames, verify: bool = True) -> dict | None:
+    """The mask sidecar of a finished case, or None. A case is finished when its mask sidecar lists the
+    SHA-256 of the mask, probseg, probseg sidecar and report, and (``verify``) those files match it."""
+    from deepisles.outputs.report import file_sha256
+
+    folder = outroot / names.folder
+    sidecar = _read_json(folder / names.mask_json)
+    ours = (sidecar or {}).get("deepisles")
+    sums = ours.get("sha256") if isinstance(ours, dict) else None
+    expected = {names.mask, names.probseg, names.probseg_json, names.report}
+    if not isinstance(sums, dict) or set(sums) != expected:
+        return None
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file() or (verify and file_sha256(path) != digest):
+            return None
+    return sidecar
+
+
+def read_failures(outroot: Path) -> dict[str, str]:
+    """case id -> error of its latest failure in ``failures.jsonl`` (unreadable lines are ignored)."""
+    out: dict[str, str] = {}
+    try:
+        lines = (outroot / FAILURES).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            out[str(rec["case"])] = str(rec["error"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _log_failure(outroot: Path, case: TrainingCase, error: str) -> None:
+    """Append one JSON line (one locked ``write`` on an O_APPEND file: shards never interleave)."""
+    names = case_names(case)
+    rec = {"case": case.case_id, "participant_id": names.subject, "session_id": names.session, "error": error,
+           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "deepisles": __version__}
+    line = (json.dumps(rec) + "\n").encode("utf-8")
+    path = outroot / FAILURES
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        _flock(fd, blocking=True)
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as fh:  # a line cut by a crash stays on its own
+                fh.seek(size - 1)
+                line = line if fh.read(1) == b"\n" else b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_cohort(outroot: Path, cases: list[TrainingCase]) -> Path:
+    """cohort.tsv, one row per case of the dataset (ok / failed / pending), rebuilt from the files on disk
+    under a lock on the output root and replaced atomically: concurrent shards never corrupt it."""
+    from deepisles.io.write import write_text_atomic
+
+    with _locked(outroot):
+        failures = read_failures(outroot)
+        rows = []
+        for case in sorted(cases, key=lambda c: c.case_id):
+            names = case_names(case)
+            sidecar = finished_sidecar(outroot, names, verify=False)
+            if sidecar is not None:
+                report = _read_json(outroot / names.folder / names.report)
+                rows.append(cohort_row(names, "ok", sidecar, report))
+            elif case.case_id in failures:
+                rows.append(cohort_row(names, "failed", error=failures[case.case_id]))
+            else:
+                rows.append(cohort_row(names, "pending"))
+        return write_text_atomic(outroot / COHORT, cohort_tsv(rows))
+
+
+class Workspace:
+    """This run's private work folder ``OUTROOT/.deepisles-work/<token>/``, held by a lock on
+    ``<token>.lock``; entering it removes the work folders whose lock nobody holds (killed runs)."""
+
+    def __init__(self, outroot: Path):
+        self.outroot = outroot
+        self.root = outroot / WORK
+        self.token = ""
+        self.dir = self.root
+        self._fd: int | None = None
+
+    def __enter__(self) -> Workspace:
+        for _ in range(10):
+            self.token = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+            self.root.mkdir(parents=True, exist_ok=True)
+            new = self.root / f"{self.token}.lock.new"
+            try:  # the lock gets its final name only once it is held: no one sees it free while we live
+                fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                _flock(fd, blocking=True)
+                try:
+                    os.rename(new, self.root / f"{self.token}.lock")
+                except OSError:
+                    os.close(fd)
+                    raise
+            except FileNotFoundError:  # the work root or our new lock was cleaned away meanwhile: again
+                continue
+            self._fd = fd
+            break
+        else:
+            raise DeepIslesError(f"{self.root}: cannot create a work folder")
+        self.dir = self.root / self.token
+        self.dir.mkdir()
+        self.clean_stale()
+        return self
+
+    def clean_stale(self) -> None:
+        for lock in sorted(self.root.iterdir()):
+            token = lock.name.removesuffix(".new").removesuffix(".lock")
+            if token in (lock.name, self.token):
+                continue
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                if _flock(fd, blocking=False):  # nobody holds it: its run is dead
+                    shutil.rmtree(self.root / token, ignore_errors=True)
+                    lock.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        for folder in self.root.iterdir():  # a folder whose lock is gone: a cleanup that was itself killed
+            if folder.is_dir() and not (self.root / f"{folder.name}.lock").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.root / f"{self.token}.lock").unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+        try:
+            self.root.rmdir()  # only when no other run is using it
+        except OSError:
+            pass
+
+    def publish(self, names: CaseNames, result, sources: list[str]) -> None:
+        """Write the case's files into the work folder, fsync, rename the folder onto ``sub-X/[ses-Y/]dwi``."""
+        from deepisles.io.write import write_json_atomic, write_nifti_atomic
+        from deepisles.outputs.report import file_sha256
+
+        tmp = self.dir / names.stem
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        report = dict(result.report)
+        report["outputs"] = {"mask": names.mask, "mask_sidecar": names.mask_json, "probseg": names.probseg,
+                             "probseg_sidecar": names.probseg_json, "report": names.report}
+        write_nifti_atomic(tmp / names.mask, result.mask.to_nifti(np.uint8))
+        write_nifti_atomic(tmp / names.probseg, result.probability.to_nifti(np.float32))
+        write_json_atomic(tmp / names.probseg_json, probseg_sidecar(report, sources))
+        write_json_atomic(tmp / names.report, report)
+        sums = {n: file_sha256(tmp / n) for n in (names.mask, names.probseg, names.probseg_json, names.report)}
+        write_json_atomic(tmp / names.mask_json, mask_sidecar(report, sources, sums))  # last: completion record
+        _fsync_dir(tmp)
+        final = self.outroot / names.folder
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if final.exists():  # an incomplete or outdated earlier result: set aside in one step, dropped after
+            old = self.dir / f"old.{names.stem}"
+            os.replace(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+def run_batch(
+    dataset: str | Path,
+    outroot: str | Path | None = None,
+    *,
+    members: str = "auto",
+    device: str = "auto",
+    fast: bool = False,
+    skull_strip: str = "auto",
+    shard: tuple[int, int] = (1, 1),
+    retry_failed: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_step: Callable[[str, str], None] | None = None,
+    on_case: Callable[[CaseOutcome], None] | None = None,
+) -> BatchSummary:
+    """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
+    ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
+    ``retry_failed``); a failing case is logged to ``failures.jsonl`` and the run goes on. Rewrites
+    ``cohort.tsv`` at the end. Callbacks: ``on_start(to_run, already_handled)``, ``on_step(case, message)``,
+    ``on_case(outcome)``.
+    """
+    from deepisles.api import resolve_device, segment
+    from deepisles.io.write import write_json_atomic, write_text_atomic
+    from deepisles.members import resolve_members
+
+    t0 = time.perf_counter()
+    dataset = Path(dataset)
+    cases = find_cases(dataset, require_mask=False)
+    k, n = shard
+    mine = shard_cases(cases, k, n)
+    out = Path(outroot) if outroot is not None else dataset / "derivatives" / "deepisles"
+    device_used = resolve_device(device)
+    resolve_members(members, device_used, fast)  # checks the names; loads the networks once (cached)
+    raw_root = dataset / "rawdata" if (dataset / "rawdata").is_dir() else dataset
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "dataset_description.json", dataset_description(raw_link(raw_root, out)))
+    write_text_atomic(out / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+
+    summary = BatchSummary(out, (k, n), len(mine))
+    with Workspace(out) as ws:
+        failed_before = read_failures(out)
+        todo = []
+        for case in mine:
+            if finished_sidecar(out, case_names(case)) is not None:
+                summary.outcomes.append(CaseOutcome(case.case_id, "skipped"))
+            elif case.case_id in failed_before and not retry_failed:
+                summary.outcomes.append(CaseOutcome(case.case_id, "failed-before", error=failed_before[case.case_id]))
+            else:
+                todo.append(case)
+        if on_start:
+            on_start(len(todo), len(mine) - len(todo))
+        for case in todo:
+            names, t = case_names(case), time.perf_counter()
+            say = (lambda m, cid=case.case_id: on_step(cid, m)) if on_step else None
+            try:
+                if say:
+                    say("starting")
+                result = segment(case.dwi, case.adc, case.flair, outdir=None, skull_strip=skull_strip,
+                                 members=members, device=device_used, fast=fast, preview=False, progress=say)
+                sources = [bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None]
+                if say:
+                    say("writing")
+                ws.publish(names, result, sources)
+                outcome = CaseOutcome(case.case_id, "done", time.perf_counter() - t)
+            except Exception as exc:  # one case never stops the run
+                outcome = CaseOutcome(case.case_id, "failed", time.perf_counter() - t, one_line(exc))
+                _log_failure(out, case, outcome.error or "")
+            summary.outcomes.append(outcome)
+            if on_case:
+                on_case(outcome)
+    write_cohort(out, cases)
+    summary.seconds = time.perf_counter() - t0
+    return summary
