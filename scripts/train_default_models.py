@@ -1,7 +1,7 @@
 """Train the packaged default ensemble: compact SEALS, NVAUTO and FACTORIZER on synthetic cases only.
 
     python scripts/train_default_models.py --out /tmp/default-runs [--members seals,nvauto,factorizer]
-        [--iterations 4500] [--threads 1] [--seed 1] [--device cpu] [--package]
+        [--iterations 3000] [--threads 1] [--seed 1] [--device cpu] [--package]
 
 Each member is trained by ``deepisles.training`` (the code behind ``deepisles train``) from random
 initialisation (``--init none``: the compact recipes in training/members.py) on synthetic cases generated on the
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--members", default="seals,nvauto,factorizer")
-    ap.add_argument("--iterations", type=int, default=4500)
+    ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
