@@ -71,6 +71,14 @@ def test_default_ensemble_segments_a_held_out_synthetic_case(default_models, tmp
         assert case_metrics(r.mask, gt, sc.mask.voxel_volume_ml)["lesion_f1"] > 0, r.name
 
 
+def test_segment_cli_says_the_default_models_are_not_validated(default_models, isles22_case, tmp_path):
+    res = runner.invoke(app, ["segment", "--dwi", str(isles22_case["dwi"]), "--adc", str(isles22_case["adc"]),
+                              "-o", str(tmp_path / "o"), "--device", "cpu", "--no-html", "--no-preview"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "seals, nvauto" in flat and "not clinically validated" in flat
+
+
 def test_weights_list_shows_the_default_models(default_models):
     res = runner.invoke(app, ["weights", "list"])
     assert res.exit_code == 0

@@ -56,6 +56,10 @@ def _print_result(result, outdir: Path | None) -> None:
     table.add_row("lesion volume", f"{rep['lesions']['volume_ml']:.3f} mL")
     table.add_row("lesion count", f"{rep['lesions']['count']} (26-connectivity)")
     table.add_row("members run", ", ".join(m["name"] for m in rep["members"]["run"]))
+    defaults = [m["name"] for m in rep["members"]["run"] if (m.get("weights") or {}).get("kind") == "default"]
+    if defaults:
+        note = rep["members"]["run"][0].get("weights", {}).get("note", "")
+        table.add_row("weights", f"[yellow]{', '.join(defaults)}: {note}[/]")
     if rep["members"]["skipped"]:
         by_reason: dict[str, list[str]] = {}
         for s in rep["members"]["skipped"]:
