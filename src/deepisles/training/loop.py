@@ -89,31 +89,25 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 # --- data --------------------------------------------------------------------------------------------
-def _dataset_samples(trainable: Trainable, cases, what: str, say) -> list[Sample]:
+def _load(trainable: Trainable, tc) -> tuple:
+    """One dataset case through the inference loading and preprocessing: ``(Case, label uint8)``."""
     from deepisles.preprocess.case import build_case
     from deepisles.training.datasets import load_case
 
+    loaded, mask = load_case(tc, with_flair=trainable.needs_flair())
+    case, _, _, _ = build_case(loaded, "auto", "cpu")
+    return case, np.asarray(mask.data).astype(np.uint8)
+
+
+def _dataset_samples(trainable: Trainable, cases, what: str, say) -> list[Sample]:
     out = []
     for i, tc in enumerate(cases):
         say(f"preparing {what} case {i + 1}/{len(cases)}: {tc.case_id}")
-        loaded, mask = load_case(tc, with_flair=trainable.needs_flair())
-        case, _, _, _ = build_case(loaded, "auto", "cpu")
+        case, label = _load(trainable, tc)
         try:
-            out.append(trainable.sample(case, np.asarray(mask.data), tc.case_id))
+            out.append(trainable.sample(case, label, tc.case_id))
         except ValueError as exc:
             log.warning("%s: skipped (%s)", tc.case_id, exc)
-    return out
-
-
-def _dataset_val_cases(trainable: Trainable, cases) -> list[tuple]:
-    from deepisles.preprocess.case import build_case
-    from deepisles.training.datasets import load_case
-
-    out = []
-    for tc in cases:
-        loaded, mask = load_case(tc, with_flair=trainable.needs_flair())
-        case, _, _, _ = build_case(loaded, "auto", "cpu")
-        out.append((tc.case_id, case, np.asarray(mask.data).astype(np.uint8)))
     return out
 
 
@@ -331,7 +325,7 @@ def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
             raise DeepIslesError(f"{cfg.data}: no usable training case for this process")
         pool = Pool(samples)
         if rank == 0:
-            val_cases = _dataset_val_cases(trainable, held_out)
+            val_cases = [(tc.case_id, *_load(trainable, tc)) for tc in held_out]
         data_desc = {"data": str(Path(cfg.data).resolve()), "train_cases": len(train_cases),
                      "val_cases": len(held_out), "fold": cfg.fold, "folds": cfg.folds}
     else:
