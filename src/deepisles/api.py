@@ -11,9 +11,9 @@ import numpy as np
 
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
+from deepisles.outputs.dicom_seg import SEG_FILENAME as SEG_NAME  # --output-type dicom-seg
 
 OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png", "report.html")
-SEG_NAME = "lesion_seg.dcm"  # --output-type dicom-seg
 OUTPUT_TYPES = ("nifti", "dicom-seg")
 MEMBERS_DIR = "members"
 
