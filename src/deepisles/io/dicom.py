@@ -19,6 +19,9 @@ Rules
 * **Slice order.** Within a volume, slices are sorted by their position along the slice normal
   (ImagePositionPatient . (row x column cosines)); two images at one position in one volume (several
   diffusion directions, echoes...) are refused: export the trace/one-echo series instead.
+* **Size.** Before any pixel is read, rows x columns x frames summed over the chosen files must stay within
+  ``max_voxels`` (:data:`~deepisles.io.validate.DEFAULT_MAX_VOXELS`); the pixels are read by GDCM only (no other
+  ITK ImageIO gets to guess).
 * **Source files.** ``meta['dicom_files']`` lists, per volume (one list for a 3D image, one per b-value
   volume of a 4D one, in the order of the 4th axis), the file paths in slice order (``data[:, :, k]`` is
   file ``k``). :mod:`deepisles.outputs.dicom_seg` uses them to reference the source instances.
@@ -26,9 +29,16 @@ Rules
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import struct
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +48,7 @@ import SimpleITK as sitk
 
 from deepisles.errors import InputError
 from deepisles.io.image import Image
-from deepisles.io.validate import role_label
+from deepisles.io.validate import DEFAULT_MAX_VOXELS, check_declared_size, role_label
 
 #: role -> (include tokens/substrings, exclude tokens)
 ROLE_KEYWORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -65,6 +75,9 @@ class _File:
     position: float | None
     bvalue: float | None
     instance: int
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
 
 
 @dataclass
@@ -162,6 +175,14 @@ def _scan(folder: Path) -> tuple[list[_File], int]:
     return found, n_files
 
 
+def _int_tag(ds, name: str, default: int = 0) -> int:
+    try:
+        v = ds.get(name, default)
+        return int(v if v not in (None, "") else default)
+    except (TypeError, ValueError):
+        return default
+
+
 def _file_record(p: Path, ds) -> _File:
     pos = None
     ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
@@ -176,6 +197,9 @@ def _file_record(p: Path, ds) -> _File:
     except (TypeError, ValueError):
         inst = 0
     return _File(
+        rows=_int_tag(ds, "Rows"),
+        columns=_int_tag(ds, "Columns"),
+        frames=max(_int_tag(ds, "NumberOfFrames", 1), 1),
         path=p,
         series_uid=str(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)")),
         description=str(ds.get("SeriesDescription", "") or ""),
@@ -249,12 +273,14 @@ def _read_volume(files: list[_File], path: Path, label: str, what: str) -> Image
         files = sorted(files, key=lambda f: f.instance)
     names = [str(f.path) for f in files]
     try:
-        if len(names) == 1:
-            simg = sitk.ReadImage(names[0])
-        else:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(names)
-            simg = reader.Execute()
+        with reader_output_captured():
+            if len(names) == 1:
+                simg = sitk.ReadImage(names[0], imageIO="GDCMImageIO")
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetImageIO("GDCMImageIO")
+                reader.SetFileNames(names)
+                simg = reader.Execute()
     except RuntimeError as e:
         raise InputError(path, f"{label} DICOM {what} cannot be read ({sitk_problem(e)})") from None
     if simg.GetNumberOfComponentsPerPixel() != 1:
@@ -264,6 +290,125 @@ def _read_volume(files: list[_File], path: Path, label: str, what: str) -> Image
     img = Image.from_sitk(simg, str(path))
     img.meta["dicom_files"] = [names]
     return img
+
+
+# --- quiet readers ----------------------------------------------------------------------------------
+_NOTE_SINKS: list[list[str]] = []  # innermost collect_reader_notes() list last
+_QUIET_LOCK = threading.RLock()
+_READER_LOGGERS = ("nibabel.global", "nibabel", "pydicom")
+#: terminal control sequences: a line holding one comes from a progress display of another thread, not a reader
+_ANSI = re.compile(r"\x1b[\[\]()][0-9;?]*[A-Za-z]?|\x1b")
+
+
+class _Swallow(logging.Filter):
+    def __init__(self, sink: list[str]):
+        super().__init__()
+        self.sink = sink
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self.sink.append(record.getMessage())
+        except Exception:  # a malformed log call must not break a read
+            pass
+        return False
+
+
+@contextlib.contextmanager
+def collect_reader_notes() -> Iterator[list[str]]:
+    """Collect instead of print what the image libraries say while the block reads an image.
+
+    nibabel / pydicom log records and Python warnings (not DeprecationWarnings) raised in the block, and what
+    :func:`reader_output_captured` blocks inside it capture from ITK / MetaIO / GDCM, go to the yielded list
+    (complete when the block ends). Nothing of it reaches stderr; the caller decides what to keep.
+    """
+    notes: list[str] = []
+    with _QUIET_LOCK:
+        swallow = _Swallow(notes)
+        loggers = [logging.getLogger(n) for n in _READER_LOGGERS]
+        for lg in loggers:
+            lg.addFilter(swallow)
+        _NOTE_SINKS.append(notes)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    yield notes
+                finally:
+                    for w in caught:
+                        if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning):
+                            notes.append(str(w.message))
+        finally:
+            _NOTE_SINKS.remove(notes)
+            for lg in loggers:
+                lg.removeFilter(swallow)
+
+
+def _native_notes(text: str) -> list[str]:
+    """ITK/MetaIO/GDCM messages in captured stderr text: a ``WARNING: In file, line N`` block becomes its
+    message (without the ``Class (0x...):`` prefix); other non-blank lines are kept as they are, except those
+    holding terminal control sequences (a progress display drawn meanwhile by another thread)."""
+    out: list[str] = []
+    lines = [ln.strip() for ln in text.replace("\r\n", "\n").split("\n")]
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        i += 1
+        if not ln or _ANSI.search(ln) or "\r" in ln:
+            continue
+        if re.match(r"^(WARNING|ERROR): In ", ln):
+            body = []
+            while i < len(lines) and lines[i]:
+                body.append(lines[i])
+                i += 1
+            msg = re.sub(r"^\w+ \(0x[0-9a-fA-F]+\):\s*", "", " ".join(body))
+            if msg:
+                out.append(msg)
+        else:
+            out.append(ln)
+    return out
+
+
+@contextlib.contextmanager
+def reader_output_captured() -> Iterator[None]:
+    """Run a SimpleITK call with the process's stderr (file descriptor 2) sent to a temporary file.
+
+    ITK warnings, MetaIO and GDCM write to ``std::cerr`` directly; this keeps them off the terminal (the
+    user sees one ``error:`` line or clean output). Their messages go to the innermost
+    :func:`collect_reader_notes` list, else they are dropped. If fd 2 cannot be redirected, ITK's own warning
+    display is switched off instead.
+    """
+    with _QUIET_LOCK:
+        saved = tmp = None
+        prev_display = sitk.ProcessObject.GetGlobalWarningDisplay()
+        try:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            tmp = tempfile.TemporaryFile()
+            saved = os.dup(2)
+            os.dup2(tmp.fileno(), 2)
+        except (OSError, ValueError):
+            if saved is not None:
+                os.close(saved)
+            saved = None
+            if tmp is not None:
+                tmp.close()
+                tmp = None
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            yield
+        finally:
+            text = ""
+            if saved is not None and tmp is not None:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                text = tmp.read(64 * 1024).decode("utf-8", "replace")
+                tmp.close()
+            sitk.ProcessObject.SetGlobalWarningDisplay(prev_display)
+            if text and _NOTE_SINKS:
+                _NOTE_SINKS[-1].extend(_native_notes(text))
 
 
 def sitk_problem(e: BaseException) -> str:
@@ -285,8 +430,8 @@ def _short(e: BaseException) -> str:
     return msg[:160]
 
 
-def read_dicom(path: Path, role: str) -> Image:
-    """Read a DICOM series from a folder (or the series a single DICOM file belongs to). See module doc."""
+def _select_series(path: Path, role: str) -> tuple[DicomSeries, str, list[DicomSeries]]:
+    """(chosen series, rule, all series) for a DICOM folder or file (the rules of the module docstring)."""
     path = Path(path)
     label = role_label(role)
     if path.is_dir():
@@ -313,23 +458,56 @@ def read_dicom(path: Path, role: str) -> Image:
         chosen = series.get(wanted_uid)
         if chosen is None:
             raise InputError(path, f"{label} file is not a DICOM image")
-        rule = "series of the given file"
-    elif len(all_series) == 1:
-        chosen = all_series[0]
-        rule = "only series in the folder"
-    else:
-        matches = [s for s in all_series if role_matches(s, role)]
-        listing = "; ".join(s.summary() for s in all_series)
-        if len(matches) != 1:
-            how = "none matches" if not matches else f"{len(matches)} match"
-            raise InputError(
-                path,
-                f"{label} folder holds {len(all_series)} DICOM series and {how} {label} by description/image type; "
-                f"pass the folder of one series. Series: {listing}",
-            )
-        chosen = matches[0]
-        rule = f"only series whose description/image type matches {label}"
+        return chosen, "series of the given file", all_series
+    if len(all_series) == 1:
+        return all_series[0], "only series in the folder", all_series
+    matches = [s for s in all_series if role_matches(s, role)]
+    listing = "; ".join(s.summary() for s in all_series)
+    if len(matches) != 1:
+        how = "none matches" if not matches else f"{len(matches)} match"
+        raise InputError(
+            path,
+            f"{label} folder holds {len(all_series)} DICOM series and {how} {label} by description/image type; "
+            f"pass the folder of one series. Series: {listing}",
+        )
+    return matches[0], f"only series whose description/image type matches {label}", all_series
 
+
+def dicom_files(path: Path, role: str | None = None) -> list[Path]:
+    """The files a DICOM input is read from (sorted), without reading any pixel.
+
+    A folder with ``role``: the files of the series that role selects. A folder without ``role``: every regular
+    file under it (what the reader looks at; no tag is read). A single file: the files of its series in its
+    folder.
+    """
+    path = Path(path)
+    if path.is_dir() and role is None:
+        out = []
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            out.extend(Path(root) / n for n in names if os.path.isfile(os.path.join(root, n)))
+        return sorted(out)
+    chosen, _, _ = _select_series(path, role or "image")
+    return sorted(f.path for f in chosen.files)
+
+
+def read_dicom(path: Path, role: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Image:
+    """Read a DICOM series from a folder (or the series a single DICOM file belongs to). See module doc.
+
+    ``max_voxels``: the chosen files may declare (rows x columns x frames, summed) at most this many voxels;
+    checked before any pixel is read.
+    """
+    path = Path(path)
+    label = role_label(role)
+    chosen, rule, all_series = _select_series(path, role)
+    first = chosen.files[0]
+    n_decl = sum(max(f.rows, 0) * max(f.columns, 0) * max(f.frames, 1) for f in chosen.files)
+    if all(f.rows == first.rows and f.columns == first.columns and f.frames == first.frames
+           for f in chosen.files):
+        shape = (first.columns, first.rows, len(chosen.files) * first.frames)
+    else:
+        shape = (n_decl,)  # mixed image sizes: the total is what counts
+    check_declared_size(path, label, shape, max_voxels, what="DICOM series")
     groups = _group_bvalues(chosen.files)
     meta = {
         "format": "dicom",
@@ -338,6 +516,7 @@ def read_dicom(path: Path, role: str) -> Image:
         "series_rule": rule,
         "n_files": len(chosen.files),
         "n_series_in_folder": len(all_series),
+        "source_files": sorted(str(f.path) for f in chosen.files),
     }
     if len(groups) == 1:
         img = _read_volume(groups[0][1], path, label, "series")

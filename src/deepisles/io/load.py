@@ -11,7 +11,13 @@ Order (every user-caused problem raises :class:`InputError` naming the file, bef
 6. the same file given twice is refused; DWI and ADC must overlap in physical space (>= 50% of the smaller
    bounding box); a FLAIR that overlaps less only gets a warning (registration decides);
 7. ADC unit -> 10^-3 mm^2/s;
-8. ADC onto the DWI grid (linear, physical space) when the grids differ.
+8. ADC onto the DWI grid when the grids differ: when the voxel centres are the same (axes stored in another
+   order / flipped / shifted by whole voxels) the array is reordered exactly (``steps['adc_to_dwi_grid'] ==
+   'reordered'``, ``adc_resampled`` False); otherwise it is interpolated linearly in physical space
+   (``'interpolated'``, ``adc_resampled`` True, with a warning).
+
+``max_voxels`` (default :data:`~deepisles.io.validate.DEFAULT_MAX_VOXELS`, None means the default) is passed to
+:func:`~deepisles.io.read.read_image`: a file declaring more voxels is refused before its data is read.
 
 The FLAIR stays on its own grid: registration onto the DWI is another module's job.
 """
@@ -27,6 +33,7 @@ from deepisles.errors import InputError
 from deepisles.io.image import Image
 from deepisles.io.read import find_bvals, read_bvals_file, read_image, select_dwi_volume
 from deepisles.io.validate import (
+    DEFAULT_MAX_VOXELS,
     MIN_OVERLAP_FRACTION,
     check_3d,
     check_affine,
@@ -76,6 +83,7 @@ def load_inputs(
     adc_path: str | Path,
     flair_path: str | Path | None = None,
     bval_path: str | Path | None = None,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> LoadedInputs:
     """Read and check the inputs; return DWI (3D), ADC (10^-3 mm^2/s, DWI grid), FLAIR (own grid)."""
     warnings: list[str] = []
@@ -94,9 +102,9 @@ def load_inputs(
         seen[key] = role
 
     # 1. read
-    dwi = read_image(paths["dwi"], "dwi")
-    adc = read_image(paths["adc"], "adc")
-    flair = read_image(paths["flair"], "flair") if "flair" in paths else None
+    dwi = read_image(paths["dwi"], "dwi", max_voxels=max_voxels)
+    adc = read_image(paths["adc"], "adc", max_voxels=max_voxels)
+    flair = read_image(paths["flair"], "flair", max_voxels=max_voxels) if "flair" in paths else None
     for img in (dwi, adc, flair):
         if img is not None:
             warnings.extend(img.meta.get("read_warnings", []))
@@ -149,6 +157,7 @@ def load_inputs(
         steps["grids"]["flair"] = _grid(flair)
     if adc.same_grid(dwi):
         steps["adc_resampled"] = False
+        steps["adc_to_dwi_grid"] = "same grid"
         steps["adc_resample_reason"] = "ADC is on the DWI grid"
     else:
         reason = (
@@ -159,8 +168,29 @@ def load_inputs(
             shift = float(np.abs(adc.affine - dwi.affine).max())
             reason = f"ADC affine differs from the DWI affine (max element difference {shift:.3g})"
         adc = resample_to(adc, dwi, order=1, fill=0.0)
-        steps["adc_resampled"] = True
-        steps["adc_resample_reason"] = reason + "; resampled linearly onto the DWI grid in physical space"
-        warnings.append(f"ADC {adc.source}: {reason}; resampled onto the DWI grid")
+        how = adc.meta.get("resampled_from", {})
+        if how.get("method") == "reordered":
+            axes, flipped, offs, n_src = how["axes"], how["flips"], how["offsets"], how["shape"]
+            shifts = [offs[a] - (n_src[a] - 1 if f else 0) for a, f in zip(axes, flipped, strict=True)]
+            parts = [f"DWI axes i, j, k are ADC axes {', '.join('ijk'[a] for a in axes)}"]
+            if any(flipped):
+                parts.append("flipped along " + ", ".join("ijk"[j] for j in range(3) if flipped[j]))
+            if any(shifts):
+                parts.append(f"shifted by {tuple(shifts)} voxels")
+            what = "; ".join(parts)
+            steps["adc_resampled"] = False
+            steps["adc_to_dwi_grid"] = "reordered"
+            steps["adc_resample_reason"] = (
+                f"{reason}, but the voxel centres are the same ({what}); the voxels were reordered exactly, "
+                "not interpolated"
+            )
+            if any(shifts):  # part of the DWI grid lies outside the ADC's
+                warnings.append(f"ADC {adc.source}: {reason}; its voxels were moved exactly onto the DWI grid "
+                                f"({what}); DWI voxels outside the ADC's field of view get ADC 0")
+        else:
+            steps["adc_resampled"] = True
+            steps["adc_to_dwi_grid"] = "interpolated"
+            steps["adc_resample_reason"] = reason + "; resampled linearly onto the DWI grid in physical space"
+            warnings.append(f"ADC {adc.source}: {reason}; resampled onto the DWI grid")
 
     return LoadedInputs(dwi=dwi, adc=adc, flair=flair, steps=steps, warnings=warnings)

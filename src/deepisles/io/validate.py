@@ -1,4 +1,5 @@
-"""Checks on input images: dimensionality, usable affine, emptiness, NaN/inf, DWI/ADC physical overlap.
+"""Checks on input images: declared size and voxel sizes (from headers, before reading data), dimensionality,
+usable affine, emptiness, NaN/inf, DWI/ADC physical overlap.
 
 Every check that fails because of the user's file raises :class:`~deepisles.errors.InputError` naming that
 file (``Image.source``) with a short one-line problem.
@@ -16,6 +17,14 @@ ROLE_LABELS = {"dwi": "DWI", "adc": "ADC", "flair": "FLAIR", "mask": "mask"}
 #: two images "overlap" when their world bounding boxes share at least this fraction of the smaller box
 MIN_OVERLAP_FRACTION = 0.5
 
+#: the most voxels (all volumes of a 4D image, all components of a vector image together) an input file may
+#: declare; checked from the header before any voxel data is read. ``--max-voxels`` raises it.
+DEFAULT_MAX_VOXELS = 1 << 30
+
+#: voxel sizes (mm) outside this range make a grid unusable (0, denormal, or a header in the wrong unit)
+MIN_VOXEL_MM = 1e-4
+MAX_VOXEL_MM = 1e3
+
 
 def role_label(role: str) -> str:
     """'dwi' -> 'DWI' (used at the start of user-facing messages)."""
@@ -24,6 +33,66 @@ def role_label(role: str) -> str:
 
 def _path(img: Image) -> str | None:
     return img.source or None
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024.0
+        i += 1
+    return f"{n:.0f} bytes" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def check_declared_size(
+    path: object, label: str, shape: tuple[int, ...], max_voxels: int = DEFAULT_MAX_VOXELS,
+    itemsize: int | None = None, what: str = "file",
+) -> int:
+    """Refuse a declared grid before its voxels are read: an axis of length 0, or more than ``max_voxels``.
+
+    ``shape`` is what the header declares (every axis, 4th/5th included; components of vector pixels as an
+    extra axis). Returns the voxel count. ``label`` starts the message ("DWI"), ``what`` names the thing
+    ("file", "DICOM series").
+    """
+    shape = tuple(int(s) for s in shape)
+    dims = " x ".join(str(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise InputError(path, f"{label} {what} declares a negative axis length (shape {dims})")
+    if any(s == 0 for s in shape):
+        raise InputError(path, f"{label} {what} declares an axis of length 0 (shape {dims}): it has no voxels")
+    n = 1
+    for s in shape:
+        n *= s
+    if n > max_voxels:
+        size = f", {_fmt_bytes(n * itemsize)} of voxel data" if itemsize else ""
+        raise InputError(
+            path,
+            f"{label} {what} declares {dims} = {_fmt_count(n)} voxels{size}, more than the limit of "
+            f"{_fmt_count(max_voxels)} voxels (a damaged or hostile header?); if the image is genuine, "
+            "raise the limit with --max-voxels",
+        )
+    return n
+
+
+def check_voxel_sizes(path: object, label: str, sizes, source: str) -> None:
+    """Refuse voxel sizes (mm) that are 0, non-finite or absurd; ``source`` says which header field gave them."""
+    vals = [float(v) for v in sizes]
+    shown = "[" + ", ".join(f"{v:g}" for v in vals) + "]"
+    if not all(np.isfinite(vals)):
+        raise InputError(path, f"{label} file has non-finite voxel sizes {shown} ({source})")
+    if any(v == 0 for v in vals):
+        raise InputError(
+            path, f"{label} file has a voxel size of 0 {shown} ({source}): the grid has no physical size"
+        )
+    if any(abs(v) < MIN_VOXEL_MM or abs(v) > MAX_VOXEL_MM for v in vals):
+        raise InputError(
+            path,
+            f"{label} file has absurd voxel sizes {shown} mm ({source}; expected {MIN_VOXEL_MM:g}..{MAX_VOXEL_MM:g})",
+        )
 
 
 def check_3d(img: Image, role: str) -> Image:
@@ -35,6 +104,10 @@ def check_3d(img: Image, role: str) -> Image:
     """
     label = role_label(role)
     data = np.asarray(img.data)
+    if data.size == 0:
+        raise InputError(
+            _path(img), f"{label} image has an axis of length 0 (shape {tuple(data.shape)}): it has no voxels"
+        )
     if data.ndim > 3:
         extra = data.shape[3:]
         if all(s == 1 for s in extra):
@@ -60,7 +133,7 @@ def check_affine(img: Image, role: str) -> None:
         raise InputError(_path(img), f"{label} image affine has an invalid last row {a[3].tolist()}")
     m = a[:3, :3]
     spacing = np.linalg.norm(m, axis=0)
-    if np.any(spacing < 1e-4) or np.any(spacing > 1e3):
+    if np.any(spacing < MIN_VOXEL_MM) or np.any(spacing > MAX_VOXEL_MM):
         raise InputError(
             _path(img),
             f"{label} image has a degenerate affine (voxel sizes {np.round(spacing, 6).tolist()} mm)",
@@ -73,17 +146,30 @@ def check_affine(img: Image, role: str) -> None:
 
 
 def check_not_empty(img: Image, role: str) -> None:
-    """Reject images with no voxels, only zeros, or one constant value."""
+    """Reject images with no voxels, no finite value, only zeros, or one constant value.
+
+    NaN/inf voxels already set to 0 by :func:`sanitize_nonfinite` still count as NaN/inf here (its
+    ``meta['nonfinite']``): an all-NaN image is reported as such, not as "all voxels are 0".
+    """
     label = role_label(role)
     data = np.asarray(img.data)
     if data.size == 0:
         raise InputError(_path(img), f"{label} image is empty (no voxels, shape {tuple(data.shape)})")
-    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data.ravel()
-    if finite.size == 0:
-        raise InputError(_path(img), f"{label} image is empty (no finite voxel values)")
+    floating = np.issubdtype(data.dtype, np.floating)
+    finite = data[np.isfinite(data)] if floating else data.ravel()
+    n_bad = int(img.meta.get("nonfinite", 0) or 0) + (data.size - finite.size)
+    if finite.size == 0 or n_bad >= data.size:
+        raise InputError(
+            _path(img),
+            f"{label} image is empty: no finite voxel values (all {_fmt_count(data.size)} voxels are NaN/inf)",
+        )
     lo, hi = finite.min(), finite.max()
     if lo == hi:
-        what = "all voxels are 0" if lo == 0 else f"every voxel has the value {float(lo):g}"
+        if n_bad:
+            what = (f"every finite voxel is {float(lo):g}; the other {_fmt_count(n_bad)} of "
+                    f"{_fmt_count(data.size)} are NaN/inf")
+        else:
+            what = "all voxels are 0" if lo == 0 else f"every voxel has the value {float(lo):g}"
         raise InputError(_path(img), f"{label} image is empty ({what})")
 
 

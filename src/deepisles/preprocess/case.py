@@ -40,6 +40,7 @@ def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "c
     brain, mask_info = brain_mask(loaded.dwi, skull_strip, device=device, flair=flair_img)
     steps["skull_strip"] = mask_info
     timing["brain_mask"] = time.perf_counter() - t
+    _check_adc_covers_brain(loaded, brain)
     nonzero = np.asarray(loaded.dwi.data) != 0
     if mask_info.get("chosen") in ("classical", "hdbet") and (~nonzero).mean() > 0.25:
         kept = float((brain & nonzero).sum()) / max(int(nonzero.sum()), 1)
@@ -57,3 +58,24 @@ def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "c
         if flair_img is not None:
             flair_img = flair_img.with_data(np.where(brain, flair_img.data, 0).astype(np.float32))
     return Case(dwi=dwi_img, adc=adc_img, brain=brain, flair=flair_img), steps, warnings, timing
+
+
+MIN_ADC_BRAIN_COVERAGE = 0.5
+
+
+def _check_adc_covers_brain(loaded: LoadedInputs, brain: np.ndarray) -> None:
+    """On the DWI grid, most of the DWI brain must hold ADC values: two scans that overlap in their bounding boxes
+    but not where the brain is (or an ADC that is zero there) are an input error, not an empty result."""
+    from deepisles.errors import InputError
+
+    n_brain = int(np.count_nonzero(brain))
+    if n_brain == 0:
+        raise InputError(loaded.dwi.source or None, "the brain mask of the DWI is empty (no brain found)")
+    adc = np.asarray(loaded.adc.data)
+    covered = int(np.count_nonzero(brain & np.isfinite(adc) & (adc > 0))) / n_brain
+    if covered < MIN_ADC_BRAIN_COVERAGE:
+        raise InputError(
+            loaded.adc.source or None,
+            f"on the DWI grid the ADC holds values in only {covered:.0%} of the DWI brain (need "
+            f"{MIN_ADC_BRAIN_COVERAGE:.0%}); check that DWI and ADC come from the same scan and cover the same region",
+        )
