@@ -70,14 +70,22 @@ def test_import_writes_member_json_and_refuses_overwrite(home):
     dest = import_nvauto.import_official(FIX)
     assert dest == store.member_dir("nvauto")
     meta, folder = store.read_member("nvauto", verify=True)
-    assert meta["models"] == ["model0.ts", "model1.ts"]
+    assert meta["models"] == ["model0.safetensors", "model1.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["member.json", "model0.safetensors", "model1.safetensors"]
     assert meta["inputs"] == ["adc", "dwi"]
     cfg = meta["config"]
     assert cfg["roi_size"] == [192, 192, 128] and cfg["overlap"] == 0.625 and cfg["blend_mode"] == "gaussian"
     assert cfg["pixdim"] == [1.0, 1.0, 1.0] and cfg["sw_batch_size"] == 2
+    # the SegResNet the fixture models were scripted from (scripts/make_official_fixtures_nvauto.md, step 3)
+    assert meta["network"] == {"class": "SegResNet", "kwargs": {
+        "spatial_dims": 3, "in_channels": 2, "out_channels": 2, "init_filters": 2, "blocks_down": [1],
+        "blocks_up": [], "dropout_prob": None, "use_conv_final": True, "act": ["RELU", {"inplace": True}],
+        "norm": ["GROUP", {"num_groups": 1}], "upsample_mode": "nontrainable"}}  # fmt: skip
     src = FIX / "weights" / "NVAUTO" / "ts"
-    for name in meta["models"]:
-        assert meta["files"][name] == store.sha256_file(src / name)
+    for k, name in enumerate(meta["models"]):
+        official = meta["official_files"][name]
+        assert official == {"file": f"ts/model{k}.ts", "sha256": store.sha256_file(src / f"model{k}.ts")}
+        assert meta["files"][name] == store.sha256_file(folder / name)
     assert json.loads((folder / "member.json").read_text())["member"] == "nvauto"
     with pytest.raises(DeepIslesError, match="already installed"):
         import_nvauto.import_official(FIX)
@@ -172,4 +180,4 @@ def test_parity_with_reference_chain(home):
 def test_fast_mode_uses_the_fast_subset(home):
     import_nvauto.import_official(FIX)
     member = NvautoMember.from_store(device="cpu", fast=True)
-    assert member.model_names == ["model0.ts"] and member.fast
+    assert member.model_names == ["model0.safetensors"] and member.fast

@@ -1,4 +1,4 @@
-"""NVAUTO member: the ISLES'22 NVAUTO ensemble (15 MONAI SegResNets, TorchScript) as DeepISLES runs it.
+"""NVAUTO member: the ISLES'22 NVAUTO ensemble (15 MONAI SegResNets) as DeepISLES runs it.
 
 The reference is DeepISLES ``src/NVAUTO/process.py`` on MONAI 0.9.0. Per case it
 
@@ -25,12 +25,18 @@ few ulps where needed so that ``>= 0.5`` is exactly the reference argmax (ties g
 
 ``fast=True`` (no counterpart in DeepISLES, which skips NVAUTO in its fast mode) runs the subset of models
 listed as ``fast_models`` in ``member.json`` (by default 5 of the 15: models 0, 3, 6, 9, 12).
+
+The networks are deepisles' own: a MONAI ``SegResNet`` built from the ``network`` entry of ``member.json``
+(``{"class": "SegResNet", "kwargs": {...}}``) with its tensors from ``model{i}.safetensors``. DeepISLES ships
+the models as TorchScript archives, whose scripted code would run when TorchScript loads them and on every
+forward pass; ``deepisles weights import`` reads only their tensors (``deepisles.weights.import_nvauto``)
+and nothing here loads TorchScript. A store written by an older deepisles (``model{i}.ts``) makes the member
+unavailable until the weights are imported again.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -184,15 +190,6 @@ def normalize_nonzero(img: torch.Tensor) -> torch.Tensor:
     return img
 
 
-def load_torchscript(path: Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """``torch.jit.load`` (TorchScript archives rebuild the scripted graph; no arbitrary unpickling)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
-        model = torch.jit.load(str(path), map_location=device)
-    model.eval()
-    return model
-
-
 def decision_consistent(prob: torch.Tensor, decision: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """``prob`` (float32) nudged by at most a few ulps so that ``prob >= threshold`` equals ``decision``.
 
@@ -233,29 +230,48 @@ def network_input(config: dict, case: Case, label: np.ndarray | None = None):
 
 
 def build_segresnet(spec: dict) -> torch.nn.Module:
-    """A MONAI ``SegResNet`` from a stored ``network`` entry ``{"class": "SegResNet", "kwargs": {...}}`` (the
-    format ``deepisles train`` writes; the official NVAUTO models are TorchScript instead)."""
+    """A MONAI ``SegResNet`` (random weights) from a stored ``network`` entry ``{"class": "SegResNet", "kwargs":
+    {...}}``, the format ``deepisles weights import`` and ``deepisles train`` write."""
     from monai.networks.nets import SegResNet
 
     if spec.get("class") != "SegResNet":
         raise MemberUnavailable(NAME, f"unsupported network class {spec.get('class')!r} in member.json")
     kw = dict(spec.get("kwargs", {}))
-    for k in ("blocks_down", "blocks_up"):
-        if k in kw:
+    for k in ("blocks_down", "blocks_up", "act", "norm"):  # JSON lists -> the tuples MONAI takes
+        if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])
     return SegResNet(**kw)
 
 
-def load_model(folder: Path, name: str, meta: dict, device: torch.device) -> torch.nn.Module:
-    """One stored model: TorchScript (``.ts``, official) or safetensors + the ``network`` spec (trained)."""
-    if name.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def retired_torchscript_reason(folder: Path) -> str:
+    """Why a store holding TorchScript models (as older deepisles versions imported them) is not used."""
+    return (
+        f"{folder} holds NVAUTO models as TorchScript archives (.ts), written by an older deepisles; they are no "
+        "longer loaded because loading TorchScript runs code from the file. Run `deepisles weights import PATH "
+        "--members nvauto --overwrite` again to convert the official weights to safetensors"
+    )
 
-        net = build_segresnet(meta.get("network", {}))
-        net.load_state_dict(load_file(str(Path(folder) / name)), strict=True)
-        return net.eval().requires_grad_(False).to(device)
-    # TorchScript archive: torch.jit.load rebuilds the scripted graph, it does not unpickle objects.
-    return load_torchscript(Path(folder) / name, device)
+
+def load_model(folder: Path, name: str, meta: dict, device: torch.device) -> torch.nn.Module:
+    """One stored model: our ``SegResNet`` built from ``meta["network"]`` with the tensors of ``name``
+    (``.safetensors``). Anything else (an older store's ``.ts``) raises ``MemberUnavailable``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not name.endswith(".safetensors"):
+        if name.endswith(".ts"):
+            raise MemberUnavailable(NAME, retired_torchscript_reason(folder))
+        raise MemberUnavailable(NAME, f"{folder / name}: not a safetensors file; re-import member {NAME}")
+    if not meta.get("network"):
+        raise MemberUnavailable(NAME, f"{folder}: member.json describes no network; re-import member {NAME}")
+    net = build_segresnet(meta["network"])
+    try:
+        net.load_state_dict(load_file(str(folder / name)), strict=True)
+    except RuntimeError as exc:
+        raise MemberUnavailable(
+            NAME, f"{folder / name}: tensors do not match the network in member.json ({str(exc).splitlines()[0]})"
+        ) from None
+    return net.eval().requires_grad_(False).to(device)
 
 
 # --- the member ---------------------------------------------------------------------------------
@@ -270,7 +286,7 @@ class NvautoMember(Member):
 
     def __init__(
         self,
-        models: list[torch.jit.ScriptModule],
+        models: list[torch.nn.Module],
         config: dict,
         device: str | torch.device = "cpu",
         model_names: list[str] | None = None,
@@ -292,9 +308,8 @@ class NvautoMember(Member):
         meta, folder = read_stored_member(NAME)
         config = {**DEFAULT_CONFIG, **meta.get("config", {})}
         names = list(meta.get("models") or [])
-        if not names:  # older member.json: the .ts files in numeric order
-            ts = [f for f in meta.get("files", {}) if f.endswith(".ts")]
-            names = sorted(ts, key=lambda f: (int("".join(c for c in f if c.isdigit()) or 0), f))
+        if any(str(f).endswith(".ts") for f in [*names, *meta.get("files", {})]):
+            raise MemberUnavailable(NAME, retired_torchscript_reason(folder))  # never loaded
         if not names:
             raise MemberUnavailable(NAME, f"{folder}: member.json lists no models; re-import")
         if fast:

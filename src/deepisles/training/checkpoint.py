@@ -1,8 +1,9 @@
 """Training checkpoints without pickles: network and optimizer tensors in safetensors, the rest in JSON.
 
-A checkpoint is a folder ``checkpoint/`` with ``network.safetensors`` (or ``network.ts`` for a TorchScript
-model), ``optimizer.safetensors`` and ``state.json`` (iteration, optimizer hyper-parameters, the non-tensor
-optimizer state, the AMP scaler, the log so far). It is written to a temporary sibling and swapped in with
+A checkpoint is a folder ``checkpoint/`` with ``network.safetensors``, ``optimizer.safetensors`` and
+``state.json`` (iteration, optimizer hyper-parameters, the non-tensor optimizer state, the AMP scaler, the log
+so far). Every network trained is deepisles' own ``nn.Module``; a checkpoint holding ``network.ts`` (a
+TorchScript network, as older versions wrote when fine-tuning the official NVAUTO models) is not loaded. It is written to a temporary sibling and swapped in with
 renames, so a crash leaves the previous checkpoint intact.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from deepisles.errors import DeepIslesError
 
 CHECKPOINT = "checkpoint"
 
@@ -45,11 +48,8 @@ def save_checkpoint(run_dir: Path, network: torch.nn.Module, optimizer: torch.op
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_dir))
     try:
-        if isinstance(network, torch.jit.ScriptModule):
-            torch.jit.save(network, str(tmp / "network.ts"))
-        else:
-            save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-                      str(tmp / "network.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+                  str(tmp / "network.safetensors"))
         tensors, info = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": info}, indent=1) + "\n")
@@ -74,11 +74,12 @@ def load_checkpoint(run_dir: Path, network: torch.nn.Module, optimizer: torch.op
     """Restore network and optimizer in place; returns the saved state (iteration, log, ...)."""
     ck = Path(run_dir) / CHECKPOINT
     state = json.loads((ck / "state.json").read_text())
-    if (ck / "network.safetensors").is_file():
-        network.load_state_dict(load_file(str(ck / "network.safetensors")), strict=True)
-    else:  # TorchScript: copy the saved parameters into the live module
-        saved = torch.jit.load(str(ck / "network.ts"), map_location="cpu")
-        network.load_state_dict(saved.state_dict(), strict=True)
+    if not (ck / "network.safetensors").is_file():
+        what = "a TorchScript network (network.ts) from an older deepisles" if (ck / "network.ts").exists() else \
+            "no network.safetensors"
+        raise DeepIslesError(f"{ck}: the checkpoint holds {what}; it cannot be resumed, start the run again "
+                             "with --overwrite")
+    network.load_state_dict(load_file(str(ck / "network.safetensors")), strict=True)
     tensors = load_file(str(ck / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
     return state

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
-from deepisles.members.base import Case, Member
+from deepisles.members.base import Case, Member, MemberUnavailable
 
 MEMBERS = ("seals", "nvauto", "factorizer")
 
@@ -191,17 +191,8 @@ class NvautoTrainable(Trainable):
 
         return NvautoMember([self.network], self.config, device=device)
 
-    def is_torchscript(self) -> bool:
-        return isinstance(self.network, torch.jit.ScriptModule)
-
     def weight_file(self):
-        return f"model{self.fold}." + ("ts" if self.is_torchscript() else "safetensors")
-
-    def save_weights(self, path):
-        if self.is_torchscript():  # fine-tuned official model: stays TorchScript, as imported
-            torch.jit.save(self.network, str(path))
-        else:
-            super().save_weights(path)
+        return f"model{self.fold}.safetensors"  # official or not: deepisles' SegResNet, tensors only
 
     def member_meta(self, folds):
         meta = {k: v for k, v in self.meta.items() if k != "files"}
@@ -275,10 +266,11 @@ def _nvauto_from(meta: dict, folder: Path | None, fold: int) -> tuple[dict, torc
     if not names:
         raise DeepIslesError(f"{folder}: member.json lists no NVAUTO models")
     name = names[fold % len(names)]
-    net = load_model(folder, name, meta, torch.device("cpu"))
-    net.train()
-    for p in net.parameters():  # (ScriptModules have no requires_grad_)
-        p.requires_grad_(True)
+    try:  # our SegResNet from meta["network"] + the stored safetensors (the imported official ones included)
+        net = load_model(folder, name, meta, torch.device("cpu"))
+    except MemberUnavailable as exc:
+        raise DeepIslesError(exc.reason) from None
+    net.train().requires_grad_(True)
     return meta, net
 
 

@@ -13,8 +13,9 @@ not need (nor import) the ``factorizer``, ``pytorch_lightning``, ``monai`` or ``
 the unpickler resolves only an allow-list of harmless globals (torch's tensor/storage rebuild functions,
 ``collections.OrderedDict``, a few builtins and NumPy's array reconstruction); every other global a pickle
 names (``factorizer.unet.UNet``, ``torch.nn.modules.conv.Conv3d``, ``functools.partial``, MONAI and Lightning
-classes, ...) becomes a *stand-in*: a placeholder class that records its dotted name and, when the pickle
-instantiates it, the arguments, the state and the items it was given. Nothing named by the pickle is
+classes, ...) becomes a *stand-in* (``deepisles.weights.restricted``, shared with the NVAUTO TorchScript
+reader): a placeholder class that records its dotted name and, when the pickle instantiates it, the
+arguments, the state and the items it was given. Nothing named by the pickle is
 imported or executed. The stand-ins of the ``network`` hyper-parameter are then written out as JSON (format
 described in ``deepisles.members.nets.factorizer_nets``) and the ``net.`` tensors, without the prefix, as
 one safetensors file per model (``fold0_resunet.safetensors``, ...).
@@ -44,8 +45,15 @@ from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
 from deepisles.members.factorizer import DEFAULT_CONFIG, NAME
-from deepisles.members.nets.factorizer_nets import UnsupportedConfig, build_network, describe_network
+from deepisles.members.nets.factorizer_nets import (
+    UnsupportedConfig,
+    build_network,
+    describe_network,
+    spec_name,
+)
 from deepisles.weights import store
+from deepisles.weights.restricted import TORCH_REBUILD, StandIn, stand_in
+from deepisles.weights.restricted import StandInMeta as _StandInMeta
 
 log = logging.getLogger(__name__)
 
@@ -56,52 +64,8 @@ _FOLD_RE = re.compile(r"^fold(\d+)$")
 
 
 # --- the stand-in unpickler ---------------------------------------------------------------------------
-class StandIn:
-    """Instance of a global the unpickler did not resolve; records what the pickle gave it."""
-
-    _ref = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj._args, obj._kwargs = list(args), dict(kwargs)
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __getattr__(self, name):  # only reached for the record slots of an object built without __new__
-        if name in ("_args", "_list", "_items"):
-            return self.__dict__.setdefault(name, [])
-        if name == "_kwargs":
-            return self.__dict__.setdefault(name, {})
-        if name == "_state":
-            return None
-        raise AttributeError(name)
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-    def __setitem__(self, key, value):
-        self._items.append((key, value))
-
-    def append(self, value):
-        self._list.append(value)
-
-    def extend(self, values):
-        self._list.extend(values)
-
-    def __repr__(self):
-        return f"<stand-in {self._ref}>"
-
-
-class _StandInMeta(type):
-    def __repr__(cls):
-        return f"<stand-in class {cls._ref}>"
-
-
-@functools.cache
-def _stand_in(ref: str) -> type:
-    return _StandInMeta(ref.rsplit(".", 1)[-1], (StandIn,), {"_ref": ref})
+# (the stand-in classes are shared with the NVAUTO TorchScript reader: deepisles.weights.restricted)
+_stand_in = stand_in
 
 
 class _AttributeRef(StandIn):
@@ -125,17 +89,7 @@ def _numpy_global(module: str, name: str):
     return None
 
 
-_TORCH_ALLOWED = {
-    ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch", "dtype"),
-}
+_TORCH_ALLOWED = TORCH_REBUILD
 _BUILTINS_ALLOWED = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool", "str",
                      "bytes", "bytearray", "slice", "range", "object"}  # fmt: skip
 _NUMPY_ALLOWED = {"_reconstruct", "scalar", "ndarray", "dtype"}
@@ -395,7 +349,7 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
         network, tensors, info = convert_checkpoint(path)
         kind = describe_network(network)
         if kind != arch:
-            raise DeepIslesError(f"{path}: the checkpoint holds a {kind} network, the folder says {arch}")
+            raise DeepIslesError(_arch_mismatch(path, network, kind, arch))
         in_channels = _in_channels(network)
         if in_channels != len(DEFAULT_CONFIG["inputs"]):
             raise DeepIslesError(f"{path}: network takes {in_channels} channels, expected DWI, ADC, FLAIR")
@@ -427,6 +381,25 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
         if set(back) != set(payload[m["file"]]):
             raise DeepIslesError(f"{dest / m['file']}: written tensors differ from the checkpoint's")
     return dest
+
+
+# what each architecture folder of the official archive holds
+ARCH_NETWORKS = {
+    "resunet": "Res-U-Net (factorizer.UNet)",
+    "swin-factorizer": "Swin-Factorizer (factorizer.SegmentationFactorizer)",
+}
+
+
+def _arch_mismatch(path: Path, network: Any, kind: str, arch: str) -> str:
+    """Why a checkpoint does not belong in its ``fold*/<arch>`` folder, in one line."""
+    name = spec_name(network)
+    if name:
+        held = f"a {ARCH_NETWORKS.get(kind, kind)} network (its `network` hyper-parameter is {name})"
+    else:
+        brief = json.dumps(network)
+        held = f"no network class DeepISLES knows (its `network` hyper-parameter is {brief[:80]}{'...' if len(brief) > 80 else ''})"
+    return (f"{path}: the checkpoint holds {held}, but its folder `{arch}` is where the official archive keeps "
+            f"{ARCH_NETWORKS[arch]} checkpoints; check that the checkpoint is in the right folder")
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each member folder holds ``member.json`` (format version, member name, source, inputs in network order,
 preprocessing and architecture configuration, and the SHA-256 of every weight file) and its weight files:
-``*.safetensors`` (tensors only, no pickles) or ``*.ts`` (TorchScript, NVAUTO). Folders are written to a
+``*.safetensors`` (tensors only, no pickles; stores written before the restricted NVAUTO import may hold a
+TorchScript ``*.ts``, which is never loaded: re-import). Folders are written to a
 temporary sibling and renamed into place, so an interrupted import leaves no half-written member.
 Nothing here unpickles.
 """
