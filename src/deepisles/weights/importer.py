@@ -20,8 +20,27 @@ def _converter(name: str):
     return importlib.import_module(f"deepisles.weights.import_{name}")
 
 
+def unsafe_member(name: str, *, is_link: bool = False) -> str | None:
+    """Why an archive member must not be extracted (None when it is a plain relative path).
+
+    Refused: absolute paths (``/x``, ``C:\\x``, ``\\\\server``), any ``..`` component, backslashes (a
+    Windows separator in disguise), NUL bytes, empty names, and links of any kind."""
+    if is_link:
+        return "is a link"
+    if not name or "\x00" in name:
+        return "has an empty or invalid name"
+    if "\\" in name:
+        return "contains a backslash"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if any(part == ".." for part in name.split("/")):
+        return "contains '..'"
+    return None
+
+
 def extract_7z(archive: Path, into: Path) -> Path:
-    """Unpack a .7z with py7zr (``pip install 'deepisles[import]'``)."""
+    """Unpack a .7z with py7zr (``pip install 'deepisles[import]'``) after checking every member's name:
+    nothing is extracted when one member is absolute, holds ``..``, or is a link (:func:`unsafe_member`)."""
     try:
         import py7zr
     except ImportError:
@@ -31,9 +50,20 @@ def extract_7z(archive: Path, into: Path) -> Path:
         ) from None
     try:
         with py7zr.SevenZipFile(archive, mode="r") as z:
+            for f in z.files:
+                link = bool(getattr(f, "is_symlink", False) or getattr(f, "is_junction", False)
+                            or getattr(f, "is_socket", False))
+                why = unsafe_member(str(f.filename), is_link=link)
+                if why:
+                    raise DeepIslesError(f"{archive}: refusing to unpack: member {f.filename!r} {why}")
+            z.reset()
             z.extractall(path=into)
     except (py7zr.Bad7zFile, OSError) as exc:
         raise DeepIslesError(f"{archive}: cannot unpack ({exc})") from None
+    root = Path(into).resolve()
+    for p in Path(into).rglob("*"):  # belt and braces: nothing may point or lie outside the unpack folder
+        if p.is_symlink() or root not in p.resolve().parents:
+            raise DeepIslesError(f"{archive}: refusing the unpacked member {p.relative_to(into)} (link or outside)")
     return into
 
 
