@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,13 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
-from deepisles.errors import DeepIslesError
+from deepisles.errors import DeepIslesError, Interrupted, OutputWriteError
 from deepisles.io.image import Image
+from deepisles.io.read import DEFAULT_MAX_VOXELS
 from deepisles.outputs.dicom_seg import SEG_FILENAME as SEG_NAME  # --output-type dicom-seg
 
 OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png", "report.html")
 OUTPUT_TYPES = ("nifti", "dicom-seg")
+SKULL_STRIP = ("auto", "none", "classical", "hdbet")
 MEMBERS_DIR = "members"
+
+
+def owned_outputs() -> tuple[str, ...]:
+    """Every file `segment` may write into its output folder (relative paths): what --overwrite replaces or
+    removes, and nothing else."""
+    from deepisles.members import KNOWN_MEMBERS
+
+    return (*OUTPUT_NAMES, SEG_NAME, *(f"{MEMBERS_DIR}/{m}_prob.nii.gz" for m in KNOWN_MEMBERS))
 
 Progress = Callable[[str], None]
 
@@ -61,20 +73,48 @@ def resolve_device(device: str) -> str:
 
 
 def _input_record(path: object, img: Image | None) -> dict | None:
-    from deepisles.outputs.report import file_sha256
+    from deepisles.io.read import image_files
+    from deepisles.outputs.report import files_sha256
 
     if path is None:
         return None
     rec: dict = {}
     if isinstance(path, (str, Path)):
         rec["path"] = str(Path(path).resolve())
-        rec["sha256"] = file_sha256(Path(path))
+        files = image_files(Path(path)) if img is not None else [Path(path)]
+        rec["sha256"] = files_sha256(Path(path), files)  # header + detached data file(s)
+        if len(files) > 1 and not Path(path).is_dir():
+            rec["files"] = [str(f.resolve()) for f in files]
     else:
         rec["path"] = getattr(path, "source", "") or "<in memory>"
     if img is not None:
         rec["shape"] = list(img.shape)
         rec["spacing_mm"] = [round(s, 4) for s in img.spacing]
     return rec
+
+
+def refuse_outputs_over_inputs(outdir: Path, inputs: dict[str, object]) -> None:
+    """An output path that is an input file (``-o`` holding an input named ``lesion_prob.nii.gz``) is refused:
+    --overwrite must never replace an input."""
+    from deepisles.errors import InputError
+    from deepisles.io.read import image_files
+
+    outputs = {os.path.normcase(os.path.realpath(outdir / n)): n for n in owned_outputs()}
+    for role, p in inputs.items():
+        if not isinstance(p, (str, Path)) or not Path(p).exists():
+            continue
+        files = [Path(p)] if role == "bval" else image_files(Path(p))
+        if Path(p).is_dir():
+            files = [Path(p), *files]
+        for f in files:
+            key = os.path.normcase(os.path.realpath(f))
+            if key in outputs:
+                raise InputError(f, f"the {role.upper() if role != 'flair' else 'FLAIR'} input is also the output "
+                                    f"file {outputs[key]} of -o {outdir}; choose another output folder")
+            for out_key, name in outputs.items():
+                if out_key.startswith(key + os.sep):  # a DICOM input folder holding an output path
+                    raise InputError(f, f"the output file {name} of -o {outdir} would be written inside this "
+                                        "input folder; choose another output folder")
 
 
 def segment(
@@ -93,50 +133,82 @@ def segment(
     preview: bool = True,
     html: bool = True,
     output_type: str = "nifti",
+    max_voxels: int = DEFAULT_MAX_VOXELS,
     progress: Progress | None = None,
 ) -> SegmentationResult:
     """Segment the acute ischemic lesion of one case.
 
-    Reads and validates the inputs (any problem raises ``InputError`` before anything is written), brings
-    ADC to the canonical unit and onto the DWI grid, registers FLAIR to DWI, builds the brain mask, runs the
-    ensemble members and combines them by majority vote. With ``outdir`` it writes ``lesion_mask.nii.gz``,
-    ``lesion_prob.nii.gz``, ``report.json`` and ``preview.png`` there (atomically; refuses an ``outdir`` that
-    already holds results unless ``overwrite``). Returns the mask and probability on the native DWI grid
-    and the report.
+    Order of work: options, the output folder (locked for the whole run, refused when it holds results unless
+    ``overwrite``, created and checked writable) and every input (read and validated; any problem raises
+    ``InputError``) come first, before any model is loaded; nothing is written when they fail. Then ADC is
+    brought to the canonical unit and onto the DWI grid, FLAIR registered to DWI, the brain mask built, the
+    ensemble members run and combined by majority vote. With ``outdir`` the results (``lesion_mask.nii.gz``,
+    ``lesion_prob.nii.gz``, ``report.json``, ``lesions.csv``, ``preview.png``, ``report.html``, ...) are written
+    into a private staging folder and published as one set: the earlier results this tool owns are removed
+    (other files stay), report.json is renamed into place last (see :mod:`deepisles.io.outdir`). Returns the
+    mask and probability on the native DWI grid and the report.
 
-    ``members``: "auto" (every member with installed weights; the classical member when there are none) or a
-    comma-separated list. ``fast``: each member's documented faster mode (see docs/deviations.md).
+    ``members``: "auto" (every member with installed weights; the packaged default models when there are none)
+    or a comma-separated list. ``fast``: each member's documented faster mode (see docs/deviations.md).
     ``save_members``: also write ``members/<name>_prob.nii.gz``. ``device``: auto, cpu, cuda or cuda:N.
+    ``max_voxels``: refuse inputs declaring more voxels than this (checked before their data is read).
     """
+    from deepisles.io.outdir import OutputFolder
+
+    if output_type not in OUTPUT_TYPES:
+        raise DeepIslesError(f"--output-type {output_type}: expected one of {', '.join(OUTPUT_TYPES)}")
+    if skull_strip not in SKULL_STRIP:
+        raise DeepIslesError(f"--skull-strip {skull_strip}: expected one of {', '.join(SKULL_STRIP)}")
+    from deepisles.members import check_member_spec
+
+    check_member_spec(members)
+    device_used = resolve_device(device)
+    if outdir is not None:
+        refuse_outputs_over_inputs(Path(outdir), {"dwi": dwi, "adc": adc, "flair": flair, "bval": bval})
+    folder = OutputFolder(outdir, owned_outputs(), overwrite, owned_dirs=(MEMBERS_DIR,)) if outdir else None
+    try:
+        with folder if folder is not None else contextlib.nullcontext():
+            return _segment_in(
+                dwi, adc, flair, folder=folder, skull_strip=skull_strip, members=members, device_used=device_used,
+                bval=bval, fast=fast, save_members=save_members, preview=preview, html=html,
+                output_type=output_type, max_voxels=max_voxels, say=progress or (lambda _msg: None),
+            )
+    except KeyboardInterrupt:
+        note = folder.remaining_note() if folder is not None else "nothing was written"
+        raise Interrupted(f"interrupted: {note}") from None
+
+
+def _segment_in(dwi, adc, flair, *, folder, skull_strip, members, device_used, bval, fast, save_members, preview,
+                html, output_type, max_voxels, say) -> SegmentationResult:  # fmt: skip
     from deepisles.ensemble import combine
     from deepisles.io.load import load_inputs
-    from deepisles.io.write import check_output_dir
     from deepisles.members import MemberUnavailable, resolve_members
     from deepisles.postprocess.biomarkers import compute_biomarkers
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
     from deepisles.preprocess.case import build_case
 
-    say = progress or (lambda _msg: None)
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
-    if outdir is not None:
-        check_output_dir(Path(outdir), OUTPUT_NAMES + (MEMBERS_DIR, SEG_NAME), overwrite)
-    if output_type not in OUTPUT_TYPES:
-        raise DeepIslesError(f"--output-type {output_type}: expected one of {', '.join(OUTPUT_TYPES)}")
-    device_used = resolve_device(device)
-    say("loading members")
-    run_members, skipped = resolve_members(members, device_used, fast)
+    outdir = folder.path if folder is not None else None
 
     say("reading and validating inputs")
     t = time.perf_counter()
-    loaded = load_inputs(dwi, adc, flair, bval_path=bval)
+    loaded = load_inputs(dwi, adc, flair, bval_path=bval, max_voxels=max_voxels)
     timing["load"] = time.perf_counter() - t
     if output_type == "dicom-seg":
         from deepisles.outputs.dicom_seg import require_dicom_dwi
 
         require_dicom_dwi(loaded.dwi)  # before any work: DICOM SEG needs the DWI's source instances
     warnings = list(loaded.warnings)
+    if folder is not None:
+        if folder.lock_warning:
+            warnings.append(folder.lock_warning)
+        if folder.swept:
+            warnings.append(f"removed leftovers of an interrupted earlier run in {outdir}: {', '.join(folder.swept)}")
     steps = dict(loaded.steps)
+
+    say("loading members")
+    run_members, skipped = resolve_members(members, device_used, fast)
 
     case, case_steps, case_warnings, case_timing = build_case(loaded, skull_strip, device_used, say)
     steps.update(case_steps)
@@ -225,13 +297,20 @@ def segment(
         mismatch=bio["mismatch"],
     )
     result = SegmentationResult(
-        mask_img, prob_img, report, results, Path(outdir) if outdir else None,
+        mask_img, prob_img, report, results, outdir,
         brain=loaded.dwi.with_data(case.brain.astype(np.uint8)),
     )
-    if outdir is not None:
+    if folder is not None:
         say("writing outputs")
-        write_outputs(result, Path(outdir), loaded.dwi, loaded.adc, case.flair, preview=preview,
-                      save_members=save_members, html=html, dicom_seg=output_type == "dicom-seg")
+        try:
+            write_outputs(result, folder.stage(), loaded.dwi, loaded.adc, case.flair, preview=preview,
+                          save_members=save_members, html=html, dicom_seg=output_type == "dicom-seg")
+        except OSError as exc:
+            raise OutputWriteError(
+                f"{outdir}: writing the results failed ({exc.strerror or type(exc).__name__}); nothing was "
+                "published, the output folder is as it was"
+            ) from None
+        folder.publish("report.json")
     return result
 
 

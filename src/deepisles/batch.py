@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from deepisles import __version__
-from deepisles.errors import DeepIslesError
+from deepisles.errors import DeepIslesError, Interrupted
 from deepisles.outputs.bids import (
     BIDSIGNORE,
     CaseNames,
@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Windows: no stale-work detection, no c
     fcntl = None  # type: ignore[assignment]
 
 WORK = ".deepisles-work"
+RUN_LOCK = ".deepisles-batch.lock"
 COHORT = "cohort.tsv"
 FAILURES = "failures.jsonl"
 
@@ -137,6 +138,43 @@ def _locked(path: Path):
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def run_lock(outroot: Path, shard: tuple[int, int]):
+    """One batch run per output root and shard, for the whole run.
+
+    Without sharding (1/1) the run takes an exclusive lock on ``OUTROOT/.deepisles-batch.lock``; a shard K/N
+    takes it shared (shards of one job array run side by side) plus an exclusive lock on
+    ``.deepisles-batch.K-of-N.lock``. A second run that would write the same cases fails at once."""
+    k, n = shard
+    held: list[int] = []
+
+    def take(name: str, exclusive: bool, what: str) -> None:
+        fd = os.open(outroot / name, os.O_RDWR | os.O_CREAT, 0o666)
+        held.append(fd)
+        if fcntl is None:  # pragma: no cover
+            return
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeepIslesError(
+                f"{outroot}: another deepisles batch {what} is writing into this output root; wait for it to "
+                "finish or choose another -o"
+            ) from None
+        except OSError:  # no locks on this file system: go on unlocked, as before
+            pass
+
+    try:
+        if n == 1:
+            take(RUN_LOCK, True, "run")
+        else:
+            take(RUN_LOCK, False, "run without --shard")
+            take(f".deepisles-batch.{k}-of-{n}.lock", True, f"of shard {k}/{n}")
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -329,6 +367,7 @@ def run_batch(
     skull_strip: str = "auto",
     shard: tuple[int, int] = (1, 1),
     retry_failed: bool = False,
+    max_voxels: int | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[str, str], None] | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
@@ -339,20 +378,36 @@ def run_batch(
     ``cohort.tsv`` at the end. Callbacks: ``on_start(to_run, already_handled)``, ``on_step(case, message)``,
     ``on_case(outcome)``.
     """
-    from deepisles.api import resolve_device, segment
-    from deepisles.io.write import write_json_atomic, write_text_atomic
-    from deepisles.members import resolve_members
+    from deepisles.api import SKULL_STRIP, resolve_device
+    from deepisles.io.outdir import ensure_writable_folder
+    from deepisles.members import check_member_spec
 
     t0 = time.perf_counter()
     dataset = Path(dataset)
-    cases = find_cases(dataset, require_mask=False)
+    if skull_strip not in SKULL_STRIP:
+        raise DeepIslesError(f"--skull-strip {skull_strip}: expected one of {', '.join(SKULL_STRIP)}")
+    check_member_spec(members)
+    device_used = resolve_device(device)
+    cases = find_cases(dataset, require_mask=False, keep_ambiguous=True)
     k, n = shard
     mine = shard_cases(cases, k, n)
     out = Path(outroot) if outroot is not None else dataset / "derivatives" / "deepisles"
-    device_used = resolve_device(device)
-    resolve_members(members, device_used, fast)  # checks the names; loads the networks once (cached)
+    ensure_writable_folder(out)  # before any model is loaded
+    with run_lock(out, (k, n)):
+        return _run_locked(dataset, out, cases, mine, members=members, device_used=device_used, fast=fast,
+                           skull_strip=skull_strip, shard=(k, n), retry_failed=retry_failed, max_voxels=max_voxels,
+                           on_start=on_start, on_step=on_step, on_case=on_case, t0=t0)
+
+
+def _run_locked(dataset, out, cases, mine, *, members, device_used, fast, skull_strip, shard, retry_failed,
+                max_voxels, on_start, on_step, on_case, t0) -> BatchSummary:  # fmt: skip
+    from deepisles.api import segment
+    from deepisles.io.write import write_json_atomic, write_text_atomic
+    from deepisles.members import resolve_members
+
+    k, n = shard
+    resolve_members(members, device_used, fast)  # loads the networks once (cached across cases)
     raw_root = dataset / "rawdata" if (dataset / "rawdata").is_dir() else dataset
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "dataset_description.json", dataset_description(raw_link(raw_root, out)))
     write_text_atomic(out / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
 
@@ -373,15 +428,21 @@ def run_batch(
             names, t = case_names(case), time.perf_counter()
             say = (lambda m, cid=case.case_id: on_step(cid, m)) if on_step else None
             try:
+                if case.problem:  # e.g. two DWI files for one subject: this case fails, the others run
+                    raise DeepIslesError(case.problem)
                 if say:
                     say("starting")
+                limit = {} if max_voxels is None else {"max_voxels": max_voxels}
                 result = segment(case.dwi, case.adc, case.flair, outdir=None, skull_strip=skull_strip,
-                                 members=members, device=device_used, fast=fast, preview=False, progress=say)
+                                 members=members, device=device_used, fast=fast, preview=False, progress=say,
+                                 **limit)
                 sources = [bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None]
                 if say:
                     say("writing")
                 ws.publish(names, result, sources)
                 outcome = CaseOutcome(case.case_id, "done", time.perf_counter() - t)
+            except Interrupted:  # Ctrl-C inside segment(): stop the run, as any KeyboardInterrupt
+                raise KeyboardInterrupt from None
             except Exception as exc:  # one case never stops the run
                 outcome = CaseOutcome(case.case_id, "failed", time.perf_counter() - t, one_line(exc))
                 _log_failure(out, case, outcome.error or "")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from deepisles import __version__
-from deepisles.errors import DeepIslesError
+from deepisles.errors import DeepIslesError, Interrupted
+from deepisles.io.read import DEFAULT_MAX_VOXELS
 
 app = typer.Typer(
     name="deepisles",
@@ -21,25 +25,39 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+# markup=False: every message may hold user text (paths, case ids, member notes); rich never interprets it.
+# Styles are given as Text objects; the few markup strings (status and progress lines) go through escape().
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 SKULL_STRIP = ("auto", "none", "classical", "hdbet")
 
 
+def _line(label: str, style: str, msg: str) -> None:
+    err.print(Text.assemble((label, style), " ", " ".join(str(msg).split())), highlight=False, soft_wrap=True)
+
+
 def _friendly(fn):
-    """Turn every DeepIslesError into `error: ...` on one line and exit code 2 (no traceback)."""
+    """Errors end as one line on stderr, never a traceback: ``error: ...`` and exit code 2 for what the user asked
+    (inputs, options, output folder), 1 for a failure while working (e.g. writing results, any OSError), 130
+    for Ctrl-C (the message says what was left behind)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:
+            _line("interrupted:", "bold red", str(exc).removeprefix("interrupted: "))
+            raise typer.Exit(130) from None
         except DeepIslesError as exc:
-            msg = " ".join(str(exc).split())
-            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _line("error:", "bold red", str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # reading or writing outside the checked paths (disk full, removed folder...)
+            where = f"{exc.filename}: " if exc.filename else ""
+            _line("error:", "bold red", f"{where}{exc.strerror or type(exc).__name__}")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: no partial output files are left behind", highlight=False)
+            _line("interrupted", "bold red", "")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -47,7 +65,7 @@ def _friendly(fn):
 
 def _warn_lines(warnings: list[str]) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        _line("warning:", "yellow", w)
 
 
 def _print_result(result, outdir: Path | None) -> None:
@@ -59,7 +77,7 @@ def _print_result(result, outdir: Path | None) -> None:
     defaults = [m["name"] for m in rep["members"]["run"] if (m.get("weights") or {}).get("kind") == "default"]
     if defaults:
         note = rep["members"]["run"][0].get("weights", {}).get("note", "")
-        table.add_row("weights", f"[yellow]{', '.join(defaults)}: {note}[/]")
+        table.add_row("weights", Text(f"{', '.join(defaults)}: {note}", style="yellow"))
     if rep["members"]["skipped"]:
         by_reason: dict[str, list[str]] = {}
         for s in rep["members"]["skipped"]:
@@ -88,6 +106,7 @@ def segment(
     no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not write preview.png.")] = False,
     no_html: Annotated[bool, typer.Option("--no-html", help="Do not write report.html (the offline report with the viewer).")] = False,
     output_type: Annotated[str, typer.Option("--output-type", help="nifti (always written) | dicom-seg: also lesion_seg.dcm, a DICOM SEG referencing the DWI series (DICOM input only).")] = "nifti",
+    max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse an input image whose header declares more voxels than this (all volumes; checked before its data is read).", min=1)] = DEFAULT_MAX_VOXELS,
 ) -> None:
     """Segment one case: lesion_mask.nii.gz, lesion_prob.nii.gz, report.json, lesions.csv, report.html and preview.png on the DWI grid."""
     from deepisles.api import segment as api_segment
@@ -98,7 +117,7 @@ def segment(
         result = api_segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
             bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview,
-            html=not no_html, output_type=output_type, progress=lambda m: status.update(m),
+            html=not no_html, output_type=output_type, max_voxels=max_voxels, progress=lambda m: status.update(escape(m)),
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -121,7 +140,7 @@ def evaluate(
         task = bar.add_task("scoring", total=None)
         rows, summary = api_evaluate(
             pred, gt, csv=csv, overwrite=overwrite,
-            progress=lambda done, total, case: bar.update(task, completed=done, total=total, description=case),
+            progress=lambda done, total, case: bar.update(task, completed=done, total=total, description=escape(str(case))),
         )
     table = Table(title=f"ISLES'22 metrics over {len(rows)} case(s)")
     for col in ("metric", "mean", "median", "IQR (q1–q3)"):
@@ -173,7 +192,7 @@ def demo(
     with err.status("segmenting") as status:
         result = api_segment(
             raw / f"{sub}_ses-0001_dwi.nii.gz", raw / f"{sub}_ses-0001_adc.nii.gz", raw / f"{sub}_ses-0001_flair.nii.gz",
-            outdir=outdir, overwrite=True, progress=lambda m: status.update(m),
+            outdir=outdir, overwrite=True, progress=lambda m: status.update(escape(m)),
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -257,13 +276,13 @@ def batch(
     shard: Annotated[str | None, typer.Option("--shard", help="K/N: run only shard K of N (every N-th case from the K-th), e.g. $SLURM_ARRAY_TASK_ID/8.")] = None,
     skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto | none | classical | hdbet (as for `segment`).")] = "auto",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the cases that failed in an earlier run (default: keep them failed).")] = False,
+    max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse (as a failed case) an image whose header declares more voxels than this.", min=1)] = DEFAULT_MAX_VOXELS,
 ) -> None:
     """Segment every case of a dataset into BIDS derivatives (resumable, kill-safe, shardable; docs/batch.md).
 
     Exit code 0 when every case of the shard is done, 1 when some failed (see failures.jsonl), 2 on usage errors."""
     import time as _time
 
-    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -291,13 +310,13 @@ def batch(
         def on_case(o) -> None:
             bar.advance(task)
             if o.status == "failed":
-                bar.console.print(f"[bold red]failed[/] {escape(o.case_id)}: {escape(o.error or '')}", highlight=False,
-                                  soft_wrap=True)
+                bar.console.print(Text.assemble(("failed", "bold red"), f" {o.case_id}: {o.error or ''}"),
+                                  highlight=False, soft_wrap=True)
 
         summary = run_batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
-            retry_failed=retry_failed, on_start=on_start, on_case=on_case,
-            on_step=lambda case, msg: bar.update(task, description=f"{case}: {msg}"),
+            retry_failed=retry_failed, max_voxels=max_voxels, on_start=on_start, on_case=on_case,
+            on_step=lambda case, msg: bar.update(task, description=escape(f"{case}: {msg}")),
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
     table.add_row("segmented now", str(summary.count("done")))
@@ -329,12 +348,13 @@ def weights_import(
 ) -> None:
     """Convert the official weights into deepisles' store (safetensors + JSON) under $DEEPISLES_HOME.
 
-    This is the only step that reads the official pickled checkpoints; segmentation never unpickles."""
+    This is the only step that reads the official checkpoints, with restricted readers (tensors and plain
+    containers only; nothing from the files is run); a .7z is unpacked only after every member name is checked."""
     from deepisles.weights.importer import import_weights
     from deepisles.weights.store import weights_dir
 
     names = tuple(m.strip() for m in members.split(",") if m.strip())
-    results = import_weights(path, names, overwrite=overwrite, say=lambda m: err.print(m, highlight=False))
+    results = import_weights(path, names, overwrite=overwrite, say=lambda m: err.print(m, highlight=False, soft_wrap=True))
     for name, where in results.items():
         out.print(f"{name}: {where}")
     out.print(f"store: {weights_dir()}")
@@ -417,6 +437,13 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
+        if exc.code == 130:
+            # Ctrl-C was handled (the message says what is left). Leave at once with 130: a KeyboardInterrupt
+            # raised inside a C extension's nested evaluation can leave CPython's "unhandled interrupt" flag set,
+            # and the interpreter would then kill itself with SIGINT at exit instead of returning 130.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(exc.code)
 
 

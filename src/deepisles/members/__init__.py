@@ -9,7 +9,8 @@ from deepisles.members.base import Case, Member, MemberResult, MemberUnavailable
 from deepisles.members.classical import ClassicalMember
 
 __all__ = [
-    "Case", "Member", "MemberResult", "MemberUnavailable", "ClassicalMember", "resolve_members", "clear_cache",
+    "Case", "Member", "MemberResult", "MemberUnavailable", "ClassicalMember", "check_member_spec", "resolve_members",
+    "clear_cache",
 ]
 
 # Every member deepisles knows, by CLI name, and where its runtime lives.
@@ -38,6 +39,20 @@ def _build(name: str, device: str, fast: bool) -> Member:
     return _CACHE[key]
 
 
+def check_member_spec(spec: str | list[str] | None) -> list[str]:
+    """The member names ``--members`` asks for (``auto``: every deep member), checked without loading anything."""
+    if spec is None or spec == "auto" or spec == ["auto"]:
+        return list(DEEP_MEMBERS)
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    unknown = [n for n in names if n not in KNOWN_MEMBERS]
+    if unknown or not names:
+        raise DeepIslesError(
+            f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_MEMBERS)}"
+        )
+    return names
+
+
 def resolve_members(
     spec: str | list[str] | None, device: str = "cpu", fast: bool = False
 ) -> tuple[list[Member], list[dict]]:
@@ -48,16 +63,7 @@ def resolve_members(
     skipped members say why). A named member uses its installed weights, else its default model.
     """
     auto = spec is None or spec == "auto" or spec == ["auto"]
-    if auto:
-        names = list(DEEP_MEMBERS)
-    else:
-        names = spec.split(",") if isinstance(spec, str) else list(spec)
-        names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
-        unknown = [n for n in names if n not in KNOWN_MEMBERS]
-        if unknown or not names:
-            raise DeepIslesError(
-                f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_MEMBERS)}"
-            )
+    names = check_member_spec(spec)
     members, skipped = [], []
     if auto:
         # imported/trained weights win; the packaged default models are used only when none is installed,

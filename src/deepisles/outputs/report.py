@@ -26,6 +26,21 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_sha256(path: Path, files: list[Path]) -> str:
+    """SHA-256 of an input image: its file (as :func:`file_sha256`) or, for a detached header (``.mhd`` with
+    its data file), of the bytes of every file in order, header first - so the digest covers the voxels too.
+    A DICOM folder is hashed as by :func:`file_sha256`."""
+    path = Path(path)
+    if path.is_dir() or len(files) <= 1:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def build_report(
     *,
     inputs: dict[str, dict],

@@ -57,6 +57,7 @@ class TrainingCase:
     adc: Path
     mask: Path | None
     flair: Path | None = None
+    problem: str | None = None  # set by find_cases(keep_ambiguous=True) for a case that cannot run as found
 
 
 def _parse(name: str) -> tuple[_Key, str] | None:
@@ -105,14 +106,20 @@ def _single(key: _Key, role: str, paths: list[Path]) -> Path | None:
     return paths[0]
 
 
+def _first(paths: list[Path]) -> Path | None:
+    return sorted(paths)[0] if paths else None
+
+
 def find_cases(
-    root: str | Path, require_flair: bool = False, require_mask: bool = True
+    root: str | Path, require_flair: bool = False, require_mask: bool = True, keep_ambiguous: bool = False
 ) -> list[TrainingCase]:
     """All usable training cases under ``root`` (layouts in the module docstring), sorted by case_id.
 
     Cases without DWI, ADC or mask (and without FLAIR when ``require_flair``) are skipped with a logged
     warning; with ``require_mask=False`` cases without a mask are kept (``mask=None``), for inference.
-    Raises :class:`DeepIslesError` when none is usable or a case has two files of one role.
+    Raises :class:`DeepIslesError` when none is usable or a case has two files of one role; with
+    ``keep_ambiguous`` (``deepisles batch``) such a case is returned with its ``problem`` set instead, so that
+    one ambiguous case is logged as failed and does not stop the others.
     """
     root = Path(root)
     if not root.is_dir():
@@ -143,10 +150,17 @@ def find_cases(
     for key in sorted(images, key=_case_id):
         cid = _case_id(key)
         roles = images[key]
-        dwi = _single(key, "DWI", roles.get("dwi", []))
-        adc = _single(key, "ADC", roles.get("adc", []))
-        flair = _single(key, "FLAIR", roles.get("flair", []))
-        mask = _single(key, "mask", masks.get(key) or near_masks.get(key, []))
+        found = {"DWI": roles.get("dwi", []), "ADC": roles.get("adc", []), "FLAIR": roles.get("flair", []),
+                 "mask": masks.get(key) or near_masks.get(key, [])}
+        try:
+            dwi, adc, flair, mask = (_single(key, role, paths) for role, paths in found.items())
+        except DeepIslesError as exc:
+            if not keep_ambiguous:
+                raise
+            dwi, adc, flair, mask = (_first(paths) for paths in found.values())
+            if dwi is not None and adc is not None:
+                cases.append(TrainingCase(cid, key[0], dwi, adc, mask, flair, problem=str(exc)))
+                continue
         if dwi is None or adc is None:
             missing = " and ".join(r for r, p in (("DWI", dwi), ("ADC", adc)) if p is None)
             log.warning("skipping case %s: no %s file", cid, missing)
