@@ -30,8 +30,8 @@ from deepisles.batch import (
 )
 from deepisles.cli import app
 from deepisles.errors import DeepIslesError
+from deepisles.io.dataset import find_cases
 from deepisles.outputs.report import file_sha256
-from deepisles.training.datasets import find_cases
 
 runner = CliRunner()
 NAME = re.compile(

@@ -148,11 +148,11 @@ def test_real_case_dicom_study_to_seg_round_trip(real_study, tmp_path):
     mask_nii = nib.load(tmp_path / "out" / "lesion_mask.nii.gz")
     mask = np.asarray(mask_nii.dataobj)
     assert mask.any()
-    from deepisles.io.load import load_inputs
+    from deepisles.io.load import read_inputs
 
     # the DICOM DWI read back is the real b1000 volume, on the grid the series was written from (up to the
     # 0.1 storage step; k runs the other way: the NIfTI grid is left-handed, DICOM stacks along row x column)
-    dwi_img = load_inputs(folder, folder).dwi
+    dwi_img = read_inputs(folder, folder).dwi
     assert dwi_img.same_grid(res.mask)
     np.testing.assert_allclose(
         resample_exact(dwi_img.data, dwi_img.affine, real_study["affine"], dwi_img.shape),

@@ -27,6 +27,7 @@ from deepisles.io import read as rd
 from deepisles.io import validate as vd
 from deepisles.io.image import Image
 from deepisles.preprocess import resample as rs
+from deepisles.preprocess.inputs import load_inputs
 
 OBLIQUE = np.array(
     [[-1.9, 0.3, 0.2, 60.0], [0.25, 1.95, -0.3, -70.0], [0.15, 0.2, 3.4, -20.0], [0.0, 0.0, 0.0, 1.0]]
@@ -249,7 +250,7 @@ def _run_measured(body: str, tmp_path: Path) -> dict:
         import json, resource, time
         from deepisles.errors import InputError
         from deepisles.io.read import read_image
-        from deepisles.io.load import load_inputs
+        from deepisles.io.load import read_inputs
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         result = {}
@@ -319,7 +320,7 @@ def test_max_voxels_keyword(tmp_path):
     sitk.WriteImage(Image(_vol((10, 10, 10)), np.eye(4)).to_sitk(), str(mha))
     assert "limit of 999" in _err(mha, "adc", max_voxels=999).problem
     with pytest.raises(InputError, match="limit of 999") as ei:
-        ld.load_inputs(p, mha, max_voxels=999)
+        ld.read_inputs(p, mha, max_voxels=999)
     assert ei.value.path == str(p)
 
 
@@ -360,7 +361,7 @@ def test_flipped_and_permuted_adc_is_reordered_exactly(tmp_path):
     arr, aff2 = _reordered(adc, aff, (1, 0, 2), (True, False, False))
     assert arr.shape == (18, 20, 12)
     nib.save(Image(arr, aff2).to_nifti(), tmp_path / "adc.nii.gz")
-    out = ld.load_inputs(tmp_path / "dwi.nii.gz", tmp_path / "adc.nii.gz")
+    out = load_inputs(tmp_path / "dwi.nii.gz", tmp_path / "adc.nii.gz")
     assert np.array_equal(out.adc.data, adc)
     s = out.steps
     assert s["adc_to_dwi_grid"] == "reordered" and s["adc_resampled"] is False
@@ -400,7 +401,7 @@ def test_all_nan_adc_says_no_finite_values(tmp_path):
     nib.save(Image(_vol(shape), aff).to_nifti(), tmp_path / "dwi.nii.gz")
     nib.save(Image(np.full(shape, np.nan, np.float32), aff).to_nifti(), tmp_path / "adc.nii.gz")
     with pytest.raises(InputError) as ei:
-        ld.load_inputs(tmp_path / "dwi.nii.gz", tmp_path / "adc.nii.gz")
+        ld.read_inputs(tmp_path / "dwi.nii.gz", tmp_path / "adc.nii.gz")
     assert ei.value.path == str(tmp_path / "adc.nii.gz")
     assert "no finite voxel values (all 1,152 voxels are NaN/inf)" in ei.value.problem
     assert "all voxels are 0" not in ei.value.problem

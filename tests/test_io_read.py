@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from deepisles.errors import InputError
 from deepisles.io.image import Image
-from deepisles.io.load import load_inputs
 from deepisles.io.read import find_bvals, read_bvals_file, read_image, select_dwi_volume
+from deepisles.preprocess.inputs import load_inputs
 
 OBLIQUE = np.array(
     [

@@ -1,4 +1,5 @@
-"""load_inputs: read + validate + 4D DWI choice + ADC units + ADC onto the DWI grid."""
+"""Inputs of a case: io.load.read_inputs (read + validate + 4D DWI choice), preprocess.inputs.harmonise_inputs
+(ADC units + ADC onto the DWI grid) and preprocess.inputs.load_inputs (both)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from deepisles.errors import InputError
 from deepisles.io.image import Image
-from deepisles.io.load import LoadedInputs, load_inputs
+from deepisles.io.load import LoadedInputs, read_inputs
 from deepisles.io.read import read_image
+from deepisles.preprocess.inputs import harmonise_inputs, load_inputs
 from deepisles.preprocess.resample import resample_to
 
 
@@ -181,6 +183,47 @@ def test_adc_on_other_grid_is_resampled(tmp_path):
     out = load_inputs(dwi_p, adc_p)
     assert out.steps["adc_resampled"] is True and "affine differs" in out.steps["adc_resample_reason"]
     assert out.adc.same_grid(out.dwi)
+
+
+
+def test_read_inputs_keeps_stored_values_and_grid_harmonise_converts(tmp_path):
+    """io reads and validates only; the ADC unit and grid are preprocess.inputs' steps, recorded in the same
+    steps/warnings, and harmonise_inputs leaves its argument unchanged."""
+    dwi_p, _, d, a = _synthetic(tmp_path)
+    shifted = a.affine.copy()
+    shifted[:3, 3] += [1.0, 0, 0]  # half a voxel
+    adc_p = _save(Image(np.round(a.data * 1000), shifted), tmp_path / "adc_int.nii.gz", np.int16)
+    raw = read_inputs(dwi_p, adc_p)
+    assert np.array_equal(raw.adc.data, np.round(a.data * 1000)) and np.array_equal(raw.adc.affine, shifted)
+    assert {"adc_unit", "grids", "adc_resampled", "adc_to_dwi_grid"}.isdisjoint(raw.steps)
+    assert raw.warnings == []
+    raw_steps = dict(raw.steps)
+    out = harmonise_inputs(raw)
+    assert raw.steps == raw_steps and raw.warnings == []  # the argument is left as it was
+    assert np.array_equal(raw.adc.data, np.round(a.data * 1000)) and np.array_equal(raw.adc.affine, shifted)
+    assert list(out.steps)[: len(raw.steps)] == list(raw.steps)  # read's records first, in the same order
+    assert out.steps["adc_unit"]["unit_detected"] == "1e-6 mm2/s" and out.steps["adc_resampled"] is True
+    assert out.adc.same_grid(out.dwi) and out.dwi is raw.dwi
+    assert len(out.warnings) == 1 and "resampled onto the DWI grid" in out.warnings[0]
+    whole = load_inputs(dwi_p, adc_p)
+    assert whole.steps == out.steps and whole.warnings == out.warnings
+    np.testing.assert_array_equal(whole.adc.data, out.adc.data)
+
+
+def test_io_does_not_import_preprocess():
+    """Layering: nothing under deepisles/io imports deepisles.preprocess (or any later stage)."""
+    import ast
+
+    import deepisles.io
+
+    later = ("deepisles.preprocess", "deepisles.members", "deepisles.training", "deepisles.api", "deepisles.batch")
+    found = []
+    for path in sorted(Path(deepisles.io.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(later)]
+    assert found == []
 
 
 # --- the real ISLES'22 case --------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from deepisles.errors import DeepIslesError
-from deepisles.io.load import load_inputs
 from deepisles.members.base import Case, MemberUnavailable
 from deepisles.members.seals import SealsMember, _pixdim_like, deepisles_grid_size
+from deepisles.preprocess.inputs import load_inputs
 from deepisles.weights import import_seals, store
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "seals"

@@ -297,6 +297,40 @@ def test_pair_isles_layout_missing_unpaired_ambiguous(tmp_path):
         M.pair_cases(pred, gt)
 
 
+
+def test_isles_ground_truth_uses_the_dataset_finder(tmp_path):
+    """The ground-truth cases of an ISLES'22 dataset are the masks deepisles.io.dataset finds for train/batch:
+    a nested pipeline folder works, a subject with several sessions is keyed by session, two masks of one
+    session are refused, and a flat folder of masks is still paired by file name."""
+    from deepisles.io.dataset import find_cases
+
+    root = tmp_path / "ds"
+    der = root / "derivatives" / "lesion_masks"
+    for sub, ses in (("sub-a", "ses-1"), ("sub-b", "ses-1"), ("sub-b", "ses-2")):
+        _mask(der / sub / ses / f"{sub}_{ses}_msk.nii.gz")
+        for role in ("dwi", "adc"):
+            _mask(root / "rawdata" / sub / ses / f"{sub}_{ses}_{role}.nii.gz")
+    pred = tmp_path / "pred"
+    pa, pb1, pb2 = (_mask(pred / n) for n in ("sub-a.nii.gz", "sub-b_ses-1.nii.gz", "sub-b_ses-2.nii.gz"))
+    pairs = M.pair_cases(pred, root)
+    assert pairs == [("sub-a", pa, der / "sub-a/ses-1/sub-a_ses-1_msk.nii.gz"),
+                     ("sub-b_ses-1", pb1, der / "sub-b/ses-1/sub-b_ses-1_msk.nii.gz"),
+                     ("sub-b_ses-2", pb2, der / "sub-b/ses-2/sub-b_ses-2_msk.nii.gz")]
+    assert sorted(g for _, _, g in pairs) == sorted(c.mask for c in find_cases(root))
+    (pred / "sub-b_ses-2.nii.gz").rename(pred / "sub-b.nii.gz")
+    with pytest.raises(InputError, match=r"no prediction for 1 of 3 ground-truth case\(s\): sub-b_ses-2 "):
+        M.pair_cases(pred, root)
+    (pred / "sub-b.nii.gz").rename(pred / "sub-b_ses-2.nii.gz")
+    _mask(root / "derivatives" / "other" / "sub-a" / "ses-1" / "sub-a_ses-1_msk.nii.gz")
+    with pytest.raises(InputError, match="several masks for sub-a_ses-1"):
+        M.pair_cases(pred, root)
+    flat = tmp_path / "flat"
+    g = _mask(flat / "sub-a_ses-1_msk.nii.gz")
+    assert M.pair_cases(pred / "sub-a.nii.gz", g) == [("sub-a_ses-1_msk", pred / "sub-a.nii.gz", g)]
+    (tmp_path / "flatpred").mkdir()
+    q = _mask(tmp_path / "flatpred" / "sub-a_ses-1_msk.nii.gz")
+    assert M.pair_cases(tmp_path / "flatpred", flat) == [("sub-a_ses-1_msk", q, g)]  # by name, as before
+
 def test_pair_refuses_file_with_folder_and_empty_folders(tmp_path):
     f = _mask(tmp_path / "a.nii.gz")
     (tmp_path / "empty").mkdir()

@@ -160,7 +160,7 @@ def test_second_run_into_a_locked_folder_fails_at_once(case, monkeypatch):
     try:
         import deepisles.io.load as load
 
-        monkeypatch.setattr(load, "load_inputs", lambda *a, **k: pytest.fail("inputs read despite the lock"))
+        monkeypatch.setattr(load, "read_inputs", lambda *a, **k: pytest.fail("inputs read despite the lock"))
         line = _one_error_line(_segment(case))
         assert "another deepisles run" in line
         assert list(out.iterdir()) == []
@@ -213,7 +213,7 @@ def test_unwritable_output_folder_is_refused_before_any_work(case, monkeypatch, 
     import deepisles.io.load as load
     import deepisles.members as members
 
-    monkeypatch.setattr(load, "load_inputs", lambda *a, **k: pytest.fail("inputs read before the folder check"))
+    monkeypatch.setattr(load, "read_inputs", lambda *a, **k: pytest.fail("inputs read before the folder check"))
     monkeypatch.setattr(members, "resolve_members", lambda *a, **k: pytest.fail("models loaded before the check"))
     line = _one_error_line(_segment(case, out=Path(where)))
     assert where in line
@@ -441,7 +441,7 @@ def test_a_mistyped_input_is_reported_before_any_model_loads(case, monkeypatch):
 def test_an_unknown_member_is_reported_before_inputs_are_read(case, monkeypatch):
     import deepisles.io.load as load
 
-    monkeypatch.setattr(load, "load_inputs", lambda *a, **k: pytest.fail("inputs read before the options check"))
+    monkeypatch.setattr(load, "read_inputs", lambda *a, **k: pytest.fail("inputs read before the options check"))
     line = _one_error_line(_run(["segment", "--dwi", case["dwi"], "--adc", case["adc"], "-o", case["out"],
                                  "--members", "seals,nvauto,bogus"]))
     assert "bogus" in line

@@ -138,7 +138,7 @@ def test_fixture_is_small_and_not_trivial(ref):
 def test_deepisles_registration_gives_the_factorizer_reference_input():
     """FACTORIZER's reference saw deepisles' registered FLAIR. If this fails, preprocess/register.py changed:
     regenerate the fixture (scripts/make_official_fixtures_ensemble.md) before reading the parity failures."""
-    from deepisles.io.load import load_inputs
+    from deepisles.preprocess.inputs import load_inputs
     from deepisles.preprocess.register import register_to
 
     loaded = load_inputs(*(FIX / "inputs" / f"{m}.nii.gz" for m in ("dwi", "adc", "flair")))

@@ -1,4 +1,5 @@
-"""deepisles.training.datasets: finding ISLES'22-layout training cases, K-fold splits, loading a case."""
+"""The dataset case finder (deepisles.io.dataset) on ISLES'22 layouts; training.datasets: K-fold splits, loading a
+case."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from deepisles.errors import DeepIslesError, InputError
+from deepisles.io.dataset import DatasetCase, find_cases
 from deepisles.io.load import LoadedInputs
-from deepisles.training.datasets import TrainingCase, find_cases, load_case, split_folds
+from deepisles.training.datasets import load_case, split_folds
 
 SHAPE = (12, 12, 8)
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
@@ -71,7 +73,7 @@ def test_layout1_flat(tmp_path):
     cases = find_cases(tmp_path)
     assert [c.case_id for c in cases] == ["sub-strokecase0001_ses-0001", "sub-strokecase0002_ses-0001"]
     c = cases[0]
-    assert isinstance(c, TrainingCase) and c.subject == "sub-strokecase0001"
+    assert isinstance(c, DatasetCase) and c.subject == "sub-strokecase0001" and c.session == "ses-0001"
     raw = tmp_path / "rawdata" / "sub-strokecase0001" / "ses-0001"
     assert c.dwi == raw / "sub-strokecase0001_ses-0001_dwi.nii.gz"
     assert c.adc == raw / "sub-strokecase0001_ses-0001_adc.nii.gz"
@@ -116,7 +118,7 @@ def test_mask_in_anat_subfolder_of_derivatives_and_plain_nii(tmp_path):
 def test_no_session(tmp_path):
     _flat(tmp_path, "sub-nos", ses=None)
     (c,) = find_cases(tmp_path)
-    assert c.case_id == "sub-nos" and c.subject == "sub-nos"
+    assert c.case_id == "sub-nos" and c.subject == "sub-nos" and c.session is None
     assert c.dwi == tmp_path / "rawdata/sub-nos/sub-nos_dwi.nii.gz"
 
 
@@ -137,7 +139,7 @@ def test_missing_mask_or_adc_skipped_with_warning(tmp_path, caplog):
     _flat(tmp_path, "sub-noadc")
     (tmp_path / "rawdata/sub-noadc/ses-0001/sub-noadc_ses-0001_adc.nii.gz").unlink()
     _save(tmp_path / "derivatives/sub-orphan/sub-orphan_msk.nii.gz", "mask")  # mask without images
-    with caplog.at_level(logging.WARNING, logger="deepisles.training.datasets"):
+    with caplog.at_level(logging.WARNING, logger="deepisles.io.dataset"):
         cases = find_cases(tmp_path)
     assert [c.case_id for c in cases] == ["sub-ok_ses-0001"]
     text = caplog.text
@@ -203,13 +205,13 @@ def test_require_flair(tmp_path, caplog):
 
 
 # --- split_folds ----------------------------------------------------------------------------------------
-def _fake_cases(n_subjects: int, sessions: int = 1) -> list[TrainingCase]:
+def _fake_cases(n_subjects: int, sessions: int = 1) -> list[DatasetCase]:
     out = []
     for s in range(n_subjects):
         for t in range(sessions):
             sub = f"sub-{s:03d}"
             p = Path(f"/x/{sub}_ses-{t}")
-            out.append(TrainingCase(f"{sub}_ses-{t}", sub, p, p, p, None))
+            out.append(DatasetCase(sub, f"ses-{t}", p, p, mask=p))
     return sorted(out, key=lambda c: c.case_id)
 
 

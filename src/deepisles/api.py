@@ -181,11 +181,12 @@ def segment(
 def _segment_in(dwi, adc, flair, *, folder, skull_strip, members, device_used, bval, fast, save_members, preview,
                 html, output_type, max_voxels, say) -> SegmentationResult:  # fmt: skip
     from deepisles.ensemble import combine
-    from deepisles.io.load import load_inputs
+    from deepisles.io.load import read_inputs
     from deepisles.members import MemberUnavailable, resolve_members
     from deepisles.postprocess.biomarkers import compute_biomarkers
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
     from deepisles.preprocess.case import build_case
+    from deepisles.preprocess.inputs import harmonise_inputs
 
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -193,7 +194,7 @@ def _segment_in(dwi, adc, flair, *, folder, skull_strip, members, device_used, b
 
     say("reading and validating inputs")
     t = time.perf_counter()
-    loaded = load_inputs(dwi, adc, flair, bval_path=bval, max_voxels=max_voxels)
+    loaded = harmonise_inputs(read_inputs(dwi, adc, flair, bval_path=bval, max_voxels=max_voxels))
     timing["load"] = time.perf_counter() - t
     if output_type == "dicom-seg":
         from deepisles.outputs.dicom_seg import require_dicom_dwi

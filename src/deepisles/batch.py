@@ -26,6 +26,7 @@ import numpy as np
 
 from deepisles import __version__
 from deepisles.errors import DeepIslesError, Interrupted
+from deepisles.io.dataset import DatasetCase, find_cases
 from deepisles.outputs.bids import (
     BIDSIGNORE,
     CaseNames,
@@ -37,7 +38,6 @@ from deepisles.outputs.bids import (
     probseg_sidecar,
     raw_link,
 )
-from deepisles.training.datasets import TrainingCase, find_cases
 
 try:
     import fcntl
@@ -87,14 +87,14 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return k, n
 
 
-def shard_cases(cases: list[TrainingCase], k: int, n: int) -> list[TrainingCase]:
+def shard_cases(cases: list[DatasetCase], k: int, n: int) -> list[DatasetCase]:
     """Shard K of N: every N-th case of the case-id order, starting at the K-th (deterministic, balanced)."""
     ordered = sorted(cases, key=lambda c: c.case_id)
     return ordered[k - 1 :: n]
 
 
-def case_names(case: TrainingCase) -> CaseNames:
-    return CaseNames(case.subject, case.case_id[len(case.subject) + 1 :] or None)
+def case_names(case: DatasetCase) -> CaseNames:
+    return CaseNames(case.subject, case.session)
 
 
 def one_line(exc: BaseException) -> str:
@@ -220,7 +220,7 @@ def read_failures(outroot: Path) -> dict[str, str]:
     return out
 
 
-def _log_failure(outroot: Path, case: TrainingCase, error: str) -> None:
+def _log_failure(outroot: Path, case: DatasetCase, error: str) -> None:
     """Append one JSON line (one locked ``write`` on an O_APPEND file: shards never interleave)."""
     names = case_names(case)
     rec = {"case": case.case_id, "participant_id": names.subject, "session_id": names.session, "error": error,
@@ -241,7 +241,7 @@ def _log_failure(outroot: Path, case: TrainingCase, error: str) -> None:
         os.close(fd)
 
 
-def write_cohort(outroot: Path, cases: list[TrainingCase]) -> Path:
+def write_cohort(outroot: Path, cases: list[DatasetCase]) -> Path:
     """cohort.tsv, one row per case of the dataset (ok / failed / pending), rebuilt from the files on disk
     under a lock on the output root and replaced atomically: concurrent shards never corrupt it."""
     from deepisles.io.write import write_text_atomic

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import cc3d
 import numpy as np
 
 from deepisles.errors import InputError
+from deepisles.io.dataset import CaseKey, case_id, find_masks
 from deepisles.io.write import write_text_atomic
 
 COLUMNS = ("case", "dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
@@ -208,39 +210,34 @@ def _mask_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _isles_gt(gt_dir: Path) -> dict[str, Path] | None:
-    """Ground-truth masks of an ISLES'22-layout folder (``derivatives/sub-X/ses-Y/*_msk.nii.gz``), keyed by case.
+    """Reference masks of an ISLES'22 / BIDS dataset, keyed by case; None if ``gt_dir`` is not such a dataset.
 
-    ``gt_dir`` may be the dataset root (holding ``derivatives/``) or the derivatives folder itself. The case is
-    the subject id, or ``sub-X_ses-Y`` for subjects with masks in several sessions. None if not this layout.
+    ``gt_dir`` may be the dataset root (holding ``derivatives/``) or the derivatives folder itself. The masks are
+    those :func:`deepisles.io.dataset.find_masks` finds there (``sub-X[_ses-Y]_msk.nii[.gz]``, the finder ``train``
+    and ``batch`` use) inside subfolders (``derivatives/sub-X/ses-Y/``, also below a pipeline folder); a flat
+    folder of masks is paired by file name instead. The case is the subject id, or ``sub-X_ses-Y`` for subjects
+    with masks in several sessions.
     """
     root = gt_dir / "derivatives" if (gt_dir / "derivatives").is_dir() else gt_dir
-    found: dict[str, list[Path]] = {}
-    for sub_dir in sorted(root.glob("sub-*")):
-        if not sub_dir.is_dir() or not _SUB_RE.fullmatch(sub_dir.name):
-            continue
-        masks = [
-            p
-            for p in sub_dir.rglob("*_msk.nii*")
-            if _is_mask_file(p) and not any(s.startswith(".") for s in p.relative_to(sub_dir).parts)
-        ]
-        if masks:
-            found[sub_dir.name] = sorted(masks)
+    found: dict[CaseKey, list[Path]] = {}
+    for key, paths in find_masks(root).items():
+        nested = [p for p in paths if p.parent != root]
+        if nested:
+            found[key] = nested
     if not found:
         return None
+    sessions: dict[str, int] = {}
+    for sub, _ses in found:
+        sessions[sub] = sessions.get(sub, 0) + 1
     cases: dict[str, Path] = {}
-    for sub, masks in found.items():
-        if len(masks) == 1:
-            cases[sub] = masks[0]
-            continue
-        for m in masks:
-            ses = _SES_RE.findall(str(m.relative_to(root)))
-            key = f"{sub}_{ses[-1]}" if ses else None
-            if key is None or key in cases:
-                names = _list_names([x.name for x in masks])
-                raise InputError(
-                    root / sub, f"holds several masks ({names}); keep one *_msk file per session"
-                )
-            cases[key] = m
+    for (sub, ses), masks in sorted(found.items(), key=lambda kv: case_id(kv[0])):
+        if len(masks) > 1:
+            names = _list_names([str(m.relative_to(root)) for m in masks])
+            raise InputError(
+                Path(os.path.commonpath(masks)), f"holds several masks for {case_id((sub, ses))} ({names}); keep "
+                "one *_msk file per session"
+            )
+        cases[sub if sessions[sub] == 1 else case_id((sub, ses))] = masks[0]
     return cases
 
 
@@ -343,7 +340,7 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
     """Pair predictions with ground truths: ``[(case, pred_file, gt_file), ...]`` sorted by case.
 
     * two files: one case named after the ground-truth file (without its .nii/.nii.gz/.mha ending);
-    * two folders, ground truth in the ISLES'22 layout (``[root/]derivatives/sub-X/ses-Y/*_msk.nii.gz``):
+    * two folders, ground truth in the ISLES'22 layout (``[root/]derivatives/sub-X/ses-Y/sub-X_ses-Y_msk.nii.gz``):
       one case per subject; its prediction is the file whose name (or whose ``sub-X`` folder) holds the subject id;
     * two folders otherwise: files with identical names (falling back on the subject id when the ground-truth
       file name holds one).

@@ -1,4 +1,4 @@
-"""load_inputs(): read, validate and harmonise the inputs of ``deepisles segment``.
+"""read_inputs(): read and validate the inputs of ``deepisles segment`` (no preprocessing).
 
 Order (every user-caused problem raises :class:`InputError` naming the file, before anything is written):
 
@@ -9,17 +9,14 @@ Order (every user-caused problem raises :class:`InputError` naming the file, bef
 4. NaN/inf -> 0 (warning with the count);
 5. ``check_not_empty``;
 6. the same file given twice is refused; DWI and ADC must overlap in physical space (>= 50% of the smaller
-   bounding box); a FLAIR that overlaps less only gets a warning (registration decides);
-7. ADC unit -> 10^-3 mm^2/s;
-8. ADC onto the DWI grid when the grids differ: when the voxel centres are the same (axes stored in another
-   order / flipped / shifted by whole voxels) the array is reordered exactly (``steps['adc_to_dwi_grid'] ==
-   'reordered'``, ``adc_resampled`` False); otherwise it is interpolated linearly in physical space
-   (``'interpolated'``, ``adc_resampled`` True, with a warning).
+   bounding box); a FLAIR that overlaps less only gets a warning (registration decides).
 
 ``max_voxels`` (default :data:`~deepisles.io.validate.DEFAULT_MAX_VOXELS`, None means the default) is passed to
 :func:`~deepisles.io.read.read_image`: a file declaring more voxels is refused before its data is read.
 
-The FLAIR stays on its own grid: registration onto the DWI is another module's job.
+Every image stays as stored (values and grid): the ADC unit and the ADC onto the DWI grid are
+:func:`deepisles.preprocess.inputs.harmonise_inputs`' job (``preprocess.inputs.load_inputs`` does both steps),
+registering the FLAIR onto the DWI is :mod:`deepisles.preprocess.register`'s.
 """
 
 from __future__ import annotations
@@ -43,24 +40,21 @@ from deepisles.io.validate import (
     role_label,
     sanitize_nonfinite,
 )
-from deepisles.preprocess.resample import resample_to
-from deepisles.preprocess.units import to_canonical_adc
 
 
 @dataclass
 class LoadedInputs:
+    """The inputs of one case with what was done to them (``steps``, for report.json) and ``warnings``.
+
+    After :func:`read_inputs` every image is as stored; after
+    :func:`deepisles.preprocess.inputs.harmonise_inputs` the ADC is in 10^-3 mm^2/s on the DWI grid.
+    """
+
     dwi: Image
-    adc: Image  # canonical unit 10^-3 mm^2/s, on the DWI grid
+    adc: Image
     flair: Image | None = None  # on its own grid
     steps: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-def _grid(img: Image) -> dict:
-    return {
-        "shape": list(img.shape[:3]),
-        "spacing_mm": [round(s, 4) for s in img.spacing],
-    }
 
 
 def _prepare(img: Image, role: str, steps: dict, warnings: list[str]) -> Image:
@@ -78,14 +72,14 @@ def _describe(img: Image) -> dict:
     return {"path": img.source, **{k: img.meta[k] for k in keep if k in img.meta}}
 
 
-def load_inputs(
+def read_inputs(
     dwi_path: str | Path,
     adc_path: str | Path,
     flair_path: str | Path | None = None,
     bval_path: str | Path | None = None,
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> LoadedInputs:
-    """Read and check the inputs; return DWI (3D), ADC (10^-3 mm^2/s, DWI grid), FLAIR (own grid)."""
+    """Read and check the inputs; return DWI (3D), ADC and FLAIR, each on its own grid in its stored values."""
     warnings: list[str] = []
     steps: dict = {"nonfinite": {}}
 
@@ -146,51 +140,5 @@ def load_inputs(
                 f"FLAIR {flair.source}: its bounding box shares only {100 * frac:.0f}% with the DWI's in "
                 "physical space; registration may fail"
             )
-
-    # 7. ADC unit
-    adc, unit_info = to_canonical_adc(adc)
-    steps["adc_unit"] = unit_info
-
-    # 8. ADC onto the DWI grid
-    steps["grids"] = {"dwi": _grid(dwi), "adc": _grid(adc)}
-    if flair is not None:
-        steps["grids"]["flair"] = _grid(flair)
-    if adc.same_grid(dwi):
-        steps["adc_resampled"] = False
-        steps["adc_to_dwi_grid"] = "same grid"
-        steps["adc_resample_reason"] = "ADC is on the DWI grid"
-    else:
-        reason = (
-            f"ADC grid {adc.shape[:3]} at {tuple(round(s, 3) for s in adc.spacing)} mm differs from the DWI grid "
-            f"{dwi.shape[:3]} at {tuple(round(s, 3) for s in dwi.spacing)} mm"
-        )
-        if adc.shape[:3] == dwi.shape[:3]:
-            shift = float(np.abs(adc.affine - dwi.affine).max())
-            reason = f"ADC affine differs from the DWI affine (max element difference {shift:.3g})"
-        adc = resample_to(adc, dwi, order=1, fill=0.0)
-        how = adc.meta.get("resampled_from", {})
-        if how.get("method") == "reordered":
-            axes, flipped, offs, n_src = how["axes"], how["flips"], how["offsets"], how["shape"]
-            shifts = [offs[a] - (n_src[a] - 1 if f else 0) for a, f in zip(axes, flipped, strict=True)]
-            parts = [f"DWI axes i, j, k are ADC axes {', '.join('ijk'[a] for a in axes)}"]
-            if any(flipped):
-                parts.append("flipped along " + ", ".join("ijk"[j] for j in range(3) if flipped[j]))
-            if any(shifts):
-                parts.append(f"shifted by {tuple(shifts)} voxels")
-            what = "; ".join(parts)
-            steps["adc_resampled"] = False
-            steps["adc_to_dwi_grid"] = "reordered"
-            steps["adc_resample_reason"] = (
-                f"{reason}, but the voxel centres are the same ({what}); the voxels were reordered exactly, "
-                "not interpolated"
-            )
-            if any(shifts):  # part of the DWI grid lies outside the ADC's
-                warnings.append(f"ADC {adc.source}: {reason}; its voxels were moved exactly onto the DWI grid "
-                                f"({what}); DWI voxels outside the ADC's field of view get ADC 0")
-        else:
-            steps["adc_resampled"] = True
-            steps["adc_to_dwi_grid"] = "interpolated"
-            steps["adc_resample_reason"] = reason + "; resampled linearly onto the DWI grid in physical space"
-            warnings.append(f"ADC {adc.source}: {reason}; resampled onto the DWI grid")
 
     return LoadedInputs(dwi=dwi, adc=adc, flair=flair, steps=steps, warnings=warnings)

@@ -4,14 +4,14 @@ Entry points (the lead wires them into ``write_outputs`` / ``--output-type dicom
 
     require_dicom_dwi(dwi: Image) -> list[str]
         # the DWI source files (slice order); DeepIslesError when the DWI was not read from DICOM.
-        # Cheap: call it right after load_inputs() to fail before the members run.
+        # Cheap: call it right after read_inputs() to fail before the members run.
     write_result_seg(mask: Image, dwi: Image, outdir: Path, *, members: Sequence[str] = ()) -> Path
         # writes outdir / SEG_FILENAME ("lesion_seg.dcm") with algorithm version = deepisles.__version__
     write_dicom_seg(mask: Image, dwi: Image, out_path: Path, *, algorithm_version: str,
                     description: str = DEFAULT_DESCRIPTION, parameters: dict[str, str] | None = None) -> Path
 
 ``mask`` is on the DWI grid (``mask.same_grid(dwi)``); ``dwi`` is the DWI ``Image`` returned by
-:func:`deepisles.io.load.load_inputs` (its ``meta['dicom_files']`` comes from :mod:`deepisles.io.dicom`).
+:func:`deepisles.io.load.read_inputs` (its ``meta['dicom_files']`` comes from :mod:`deepisles.io.dicom`).
 
 How frames are placed: every source instance of the DWI volume that was segmented (the b~1000 volume of a
 b0+b1000 series) becomes one SEG frame. Its pixel ``(row r, column c)`` lies at
