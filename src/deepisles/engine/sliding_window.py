@@ -2,7 +2,7 @@
 nnU-Net v1 and MONAI, and batched test-time mirroring.
 
 Members choose the placement rule (``nnunet_starts`` or ``monai_starts``) and the weighting
-(``nnunet_gaussian``, ``monai_gaussian`` or ``constant``) that their reference implementation uses, so
+(``nnunet_gaussian``, ``monai09_gaussian`` or ``constant``) that their reference implementation uses, so
 that results match it; the accumulation loop is the same for all.
 """
 
@@ -71,16 +71,6 @@ def nnunet_gaussian(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch
     return torch.from_numpy(g)
 
 
-def monai_gaussian(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
-    """MONAI `compute_importance_map(mode='gaussian')`: separable exp(-x^2/2s^2), clamped at >= 1e-3."""
-    g = None
-    for i, p in enumerate(patch):
-        x = torch.arange(-(p - 1) / 2.0, (p - 1) / 2.0 + 1, dtype=torch.float32)
-        x = torch.exp(x**2 / (-2 * (p * sigma_scale) ** 2))
-        g = x if i == 0 else g.unsqueeze(-1) * x[(None,) * i]
-    return torch.clamp(g, min=max(float(g.min()), 1e-3))
-
-
 def _gaussian_1d_erf(sigma: float, truncated: float = 4.0) -> torch.Tensor:
     """``monai.networks.layers.convutils.gaussian_1d(approx="erf")`` (0.9.0), float32, not normalised."""
     s = torch.as_tensor(sigma, dtype=torch.float)
@@ -96,7 +86,7 @@ def monai09_gaussian(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.
 
     0.9.0 blurs a delta at ``size // 2`` with ``GaussianFilter`` (erf-discretised kernel, truncated at 4
     sigma, zero padding), so for even sizes the peak is at ``size // 2``, not at ``(size - 1) / 2`` as in
-    MONAI >= 0.9.1 / 1.x (``monai_gaussian`` above); values then go through max-normalisation and
+    MONAI >= 0.9.1 / 1.x; values then go through max-normalisation and
     ``clamp(min=max(min_nonzero, 1e-3))``.
     """
     patch = tuple(int(p) for p in patch)

@@ -212,16 +212,6 @@ def _file_record(p: Path, ds) -> _File:
     )
 
 
-def list_series(folder: Path) -> list[DicomSeries]:
-    """The DICOM series under ``folder``, in the order of their first file."""
-    files, _ = _scan(Path(folder))
-    series: dict[str, DicomSeries] = {}
-    for f in files:
-        s = series.setdefault(f.series_uid, DicomSeries(f.series_uid, f.description))
-        s.files.append(f)
-    return list(series.values())
-
-
 def role_matches(series: DicomSeries, role: str) -> bool:
     include, exclude = ROLE_KEYWORDS.get(role, ((), ()))
     text = series.text

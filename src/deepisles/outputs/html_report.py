@@ -23,7 +23,7 @@ HTML_NAME = "report.html"
 VENDOR_DIR = Path(__file__).parent / "vendor" / "niivue"
 NIIVUE_BUNDLE = VENDOR_DIR / "niivue.umd.js"
 NIIVUE_VERSION = "0.69.0"
-READY_ATTR = "data-viewer"  # set on <html> by the page: "ready" once NiiVue shows the volumes, else "error: ..."
+# the page sets <html data-viewer="...">: "loading", then "ready" once NiiVue shows the volumes, else "error: ..."
 
 # per-lesion columns shown first, in this order (labels); any other key follows under its own name
 _LESION_COLUMNS = {
