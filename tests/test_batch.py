@@ -31,7 +31,7 @@ from deepisles.batch import (
 from deepisles.cli import app
 from deepisles.errors import DeepIslesError
 from deepisles.io.dataset import find_cases
-from deepisles.outputs.report import file_sha256
+from deepisles.io.hashing import sha256_file
 
 runner = CliRunner()
 NAME = re.compile(
@@ -99,7 +99,7 @@ def _check_complete(out: Path, dataset: Path, ok: list[str], failed: list[str]) 
         sidecar = finished_sidecar(out, names, verify=True)
         assert sidecar is not None, cid
         for name, digest in sidecar["deepisles"]["sha256"].items():
-            assert file_sha256(out / names.folder / name) == digest
+            assert sha256_file(out / names.folder / name) == digest
         dwi = nib.load(case.dwi)
         mask = nib.load(out / names.folder / names.mask)
         prob = nib.load(out / names.folder / names.probseg)

@@ -188,7 +188,7 @@ def _read_json(path: Path) -> dict | None:
 def finished_sidecar(outroot: Path, names: CaseNames, verify: bool = True) -> dict | None:
     """The mask sidecar of a finished case, or None. A case is finished when its mask sidecar lists the
     SHA-256 of the mask, probseg, probseg sidecar and report, and (``verify``) those files match it."""
-    from deepisles.outputs.report import file_sha256
+    from deepisles.io.hashing import sha256_file
 
     folder = outroot / names.folder
     sidecar = _read_json(folder / names.mask_json)
@@ -199,7 +199,7 @@ def finished_sidecar(outroot: Path, names: CaseNames, verify: bool = True) -> di
         return None
     for name, digest in sums.items():
         path = folder / name
-        if not path.is_file() or (verify and file_sha256(path) != digest):
+        if not path.is_file() or (verify and sha256_file(path) != digest):
             return None
     return sidecar
 
@@ -328,8 +328,8 @@ class Workspace:
 
     def publish(self, names: CaseNames, result, sources: list[str]) -> None:
         """Write the case's files into the work folder, fsync, rename the folder onto ``sub-X/[ses-Y/]dwi``."""
+        from deepisles.io.hashing import sha256_file
         from deepisles.io.write import write_json_atomic, write_nifti_atomic
-        from deepisles.outputs.report import file_sha256
 
         tmp = self.dir / names.stem
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,7 +341,7 @@ class Workspace:
         write_nifti_atomic(tmp / names.probseg, result.probability.to_nifti(np.float32))
         write_json_atomic(tmp / names.probseg_json, probseg_sidecar(report, sources))
         write_json_atomic(tmp / names.report, report)
-        sums = {n: file_sha256(tmp / n) for n in (names.mask, names.probseg, names.probseg_json, names.report)}
+        sums = {n: sha256_file(tmp / n) for n in (names.mask, names.probseg, names.probseg_json, names.report)}
         write_json_atomic(tmp / names.mask_json, mask_sidecar(report, sources, sums))  # last: completion record
         _fsync_dir(tmp)
         final = self.outroot / names.folder

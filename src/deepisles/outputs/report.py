@@ -4,41 +4,22 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import platform
 from pathlib import Path
 
 from deepisles import __version__
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (sorted by relative path) for a DICOM series."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+from deepisles.io.hashing import sha256_files, sha256_path
 
 
 def files_sha256(path: Path, files: list[Path]) -> str:
-    """SHA-256 of an input image: its file (as :func:`file_sha256`) or, for a detached header (``.mhd`` with
-    its data file), of the bytes of every file in order, header first - so the digest covers the voxels too.
-    A DICOM folder is hashed as by :func:`file_sha256`."""
+    """SHA-256 of an input image: its file or, for a detached header (``.mhd`` with its data file), of the bytes
+    of every file in order, header first - so the digest covers the voxels too. A DICOM folder is hashed as by
+    :func:`deepisles.io.hashing.sha256_path` (relative names and bytes of its files)."""
     path = Path(path)
     if path.is_dir() or len(files) <= 1:
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+        return sha256_path(path)
+    return sha256_files(files)
 
 
 def build_report(

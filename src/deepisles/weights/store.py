@@ -10,7 +10,6 @@ Nothing here unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from deepisles.errors import DeepIslesError
+from deepisles.io.hashing import sha256_file
 
 STORE_FORMAT = 1
 MEMBER_FILE = "member.json"
@@ -35,14 +35,6 @@ def weights_dir() -> Path:
 
 def member_dir(name: str) -> Path:
     return weights_dir() / name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def installed_members() -> list[str]:
