@@ -135,6 +135,7 @@ def segment(
     output_type: str = "nifti",
     max_voxels: int = DEFAULT_MAX_VOXELS,
     progress: Progress | None = None,
+    flair_registered: bool = False,
 ) -> SegmentationResult:
     """Segment the acute ischemic lesion of one case.
 
@@ -152,6 +153,9 @@ def segment(
     or a comma-separated list. ``fast``: each member's documented faster mode (see docs/deviations.md).
     ``save_members``: also write ``members/<name>_prob.nii.gz``. ``device``: auto, cpu, cuda or cuda:N.
     ``max_voxels``: refuse inputs declaring more voxels than this (checked before their data is read).
+    ``flair_registered``: the FLAIR is already registered to the DWI: no registration (on the DWI grid it is
+    used unchanged, on another grid resampled onto it in physical space); without it a FLAIR already on the DWI
+    grid and aligned is used unchanged too (report.json ``preprocessing.flair_registration`` says what was done).
     """
     from deepisles.io.outdir import OutputFolder
 
@@ -172,6 +176,7 @@ def segment(
                 dwi, adc, flair, folder=folder, skull_strip=skull_strip, members=members, device_used=device_used,
                 bval=bval, fast=fast, save_members=save_members, preview=preview, html=html,
                 output_type=output_type, max_voxels=max_voxels, say=progress or (lambda _msg: None),
+                flair_registered=flair_registered,
             )
     except KeyboardInterrupt:
         note = folder.remaining_note() if folder is not None else "nothing was written"
@@ -179,7 +184,7 @@ def segment(
 
 
 def _segment_in(dwi, adc, flair, *, folder, skull_strip, members, device_used, bval, fast, save_members, preview,
-                html, output_type, max_voxels, say) -> SegmentationResult:  # fmt: skip
+                html, output_type, max_voxels, say, flair_registered=False) -> SegmentationResult:  # fmt: skip
     from deepisles.ensemble import combine
     from deepisles.io.load import read_inputs
     from deepisles.members import MemberUnavailable, resolve_members
@@ -211,7 +216,8 @@ def _segment_in(dwi, adc, flair, *, folder, skull_strip, members, device_used, b
     say("loading members")
     run_members, skipped = resolve_members(members, device_used, fast)
 
-    case, case_steps, case_warnings, case_timing = build_case(loaded, skull_strip, device_used, say)
+    case, case_steps, case_warnings, case_timing = build_case(loaded, skull_strip, device_used, say,
+                                                              flair_registered=flair_registered)
     steps.update(case_steps)
     warnings.extend(case_warnings)
     timing.update(case_timing)

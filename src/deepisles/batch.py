@@ -371,12 +371,13 @@ def run_batch(
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[str, str], None] | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
+    flair_registered: bool = False,
 ) -> BatchSummary:
     """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
     ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
     ``retry_failed``); a failing case is logged to ``failures.jsonl`` and the run goes on. Rewrites
     ``cohort.tsv`` at the end. Callbacks: ``on_start(to_run, already_handled)``, ``on_step(case, message)``,
-    ``on_case(outcome)``.
+    ``on_case(outcome)``. ``flair_registered``: as for :func:`deepisles.api.segment`, for every case.
     """
     from deepisles.api import SKULL_STRIP, resolve_device
     from deepisles.io.outdir import ensure_writable_folder
@@ -396,11 +397,12 @@ def run_batch(
     with run_lock(out, (k, n)):
         return _run_locked(dataset, out, cases, mine, members=members, device_used=device_used, fast=fast,
                            skull_strip=skull_strip, shard=(k, n), retry_failed=retry_failed, max_voxels=max_voxels,
-                           on_start=on_start, on_step=on_step, on_case=on_case, t0=t0)
+                           on_start=on_start, on_step=on_step, on_case=on_case, t0=t0,
+                           flair_registered=flair_registered)
 
 
 def _run_locked(dataset, out, cases, mine, *, members, device_used, fast, skull_strip, shard, retry_failed,
-                max_voxels, on_start, on_step, on_case, t0) -> BatchSummary:  # fmt: skip
+                max_voxels, on_start, on_step, on_case, t0, flair_registered=False) -> BatchSummary:  # fmt: skip
     from deepisles.api import segment
     from deepisles.io.write import write_json_atomic, write_text_atomic
     from deepisles.members import resolve_members
@@ -435,7 +437,7 @@ def _run_locked(dataset, out, cases, mine, *, members, device_used, fast, skull_
                 limit = {} if max_voxels is None else {"max_voxels": max_voxels}
                 result = segment(case.dwi, case.adc, case.flair, outdir=None, skull_strip=skull_strip,
                                  members=members, device=device_used, fast=fast, preview=False, progress=say,
-                                 **limit)
+                                 flair_registered=flair_registered, **limit)
                 sources = [bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None]
                 if say:
                     say("writing")

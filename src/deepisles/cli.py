@@ -95,7 +95,8 @@ def segment(
     dwi: Annotated[str, typer.Option("--dwi", help="DWI (b≈1000): .nii/.nii.gz, .mha/.mhd or a DICOM series folder.")],
     adc: Annotated[str, typer.Option("--adc", help="ADC map (any of 10^-3 mm²/s, 10^-6 mm²/s, mm²/s; detected).")],
     outdir: Annotated[Path, typer.Option("-o", "--output", help="Output folder (created if needed).")],
-    flair: Annotated[str | None, typer.Option("--flair", help="Optional FLAIR; registered to the DWI.")] = None,
+    flair: Annotated[str | None, typer.Option("--flair", help="Optional FLAIR; registered to the DWI (used unchanged when already on the DWI grid and aligned).")] = None,
+    flair_registered: Annotated[bool, typer.Option("--flair-registered", help="The FLAIR is already registered to the DWI: skip the registration (on another grid it is resampled onto the DWI grid in physical space).")] = False,
     bval: Annotated[str | None, typer.Option("--bval", help="b-values of a 4D DWI (default: a .bval/.json beside it).")] = None,
     skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto (use zero background if skull-stripped, else classical) | none | classical | hdbet (needs deepisles[hdbet]).")] = "auto",
     members: Annotated[str, typer.Option("--members", help="Comma-separated members (seals, nvauto, factorizer, classical), or auto: installed weights, else the packaged default models (trained on synthetic data).")] = "auto",
@@ -118,6 +119,7 @@ def segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
             bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview,
             html=not no_html, output_type=output_type, max_voxels=max_voxels, progress=lambda m: status.update(escape(m)),
+            flair_registered=flair_registered,
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -277,6 +279,7 @@ def batch(
     skull_strip: Annotated[str, typer.Option("--skull-strip", help="auto | none | classical | hdbet (as for `segment`).")] = "auto",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the cases that failed in an earlier run (default: keep them failed).")] = False,
     max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse (as a failed case) an image whose header declares more voxels than this.", min=1)] = DEFAULT_MAX_VOXELS,
+    flair_registered: Annotated[bool, typer.Option("--flair-registered", help="Every FLAIR is already registered to its DWI: skip the registration (as for `segment`).")] = False,
 ) -> None:
     """Segment every case of a dataset into BIDS derivatives (resumable, kill-safe, shardable; docs/batch.md).
 
@@ -316,6 +319,7 @@ def batch(
         summary = run_batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
             retry_failed=retry_failed, max_voxels=max_voxels, on_start=on_start, on_case=on_case,
+            flair_registered=flair_registered,
             on_step=lambda case, msg: bar.update(task, description=escape(f"{case}: {msg}")),
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)

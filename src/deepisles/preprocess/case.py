@@ -1,4 +1,5 @@
-"""From validated inputs to the members' ``Case``: FLAIR registered to the DWI, brain mask, skull strip.
+"""From validated inputs to the members' ``Case``: FLAIR onto the DWI grid (registered, or passed through when
+already there and aligned), brain mask, skull strip.
 
 One source of truth for ``deepisles segment`` and ``deepisles train``: a network sees the same images in
 training as at inference.
@@ -15,10 +16,14 @@ from deepisles.members.base import Case
 
 
 def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "cpu",
-               say=lambda _msg: None) -> tuple[Case, dict, list[str], dict]:  # fmt: skip
+               say=lambda _msg: None, flair_registered: bool = False) -> tuple[Case, dict, list[str], dict]:  # fmt: skip
     """``(case, steps, warnings, timing)`` for validated inputs (see ``deepisles.io.load.load_inputs``).
 
-    ``steps`` gains ``flair_registration`` and ``skull_strip``; ``warnings`` are new warnings only.
+    The FLAIR is brought onto the DWI grid by :func:`deepisles.preprocess.register.align_to`: registered, or
+    passed through unchanged when it is already on the DWI grid and aligned; ``flair_registered``
+    (``--flair-registered``) skips the registration (a FLAIR on another grid is then resampled in physical space).
+    ``steps`` gains ``flair_registration`` (``action`` and ``summary`` say which) and ``skull_strip``;
+    ``warnings`` are new warnings only.
     """
     from deepisles.preprocess.brain_mask import brain_mask
 
@@ -27,11 +32,11 @@ def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "c
     timing: dict[str, float] = {}
     flair_img = None
     if loaded.flair is not None:
-        from deepisles.preprocess.register import register_to
+        from deepisles.preprocess.register import align_to
 
-        say("registering FLAIR to DWI")
+        say("FLAIR onto the DWI grid" if flair_registered else "registering FLAIR to DWI")
         t = time.perf_counter()
-        flair_img, reg_info = register_to(loaded.flair, loaded.dwi)
+        flair_img, reg_info = align_to(loaded.flair, loaded.dwi, assume_registered=flair_registered)
         steps["flair_registration"] = reg_info
         timing["register"] = time.perf_counter() - t
 
