@@ -50,7 +50,7 @@ def _log(path: Path) -> list[dict]:
 
 def test_cli_train_on_isles_layout_installs_a_member_segment_uses(dataset, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "--out", str(out),
+    res = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "-o", str(out),
                               "--folds", "3", "--fold", "1", "--iterations", "3", "--val-every", "3",
                               "--checkpoint-every", "3", "--batch-size", "1", "--patch", "32,32,32",
                               "--device", "cpu"])  # fmt: skip
@@ -78,10 +78,10 @@ def test_cli_train_on_isles_layout_installs_a_member_segment_uses(dataset, tmp_p
     assert run["name"] == "seals" and run["weights"]["kind"] == "trained"
 
     # a second run into the same folder needs --resume or --overwrite; the installed member is protected
-    again = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "--out", str(out),
+    again = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "--output", str(out),
                                 "--folds", "3", "--fold", "1", "--iterations", "3"])  # fmt: skip
     assert again.exit_code == 2 and "--resume" in again.output
-    other = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "--out", str(tmp_path / "o"),
+    other = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "-o", str(tmp_path / "o"),
                                 "--folds", "3", "--iterations", "3"])  # fmt: skip
     assert other.exit_code == 2 and "already installed" in other.output
 
@@ -91,13 +91,39 @@ def test_cli_train_argument_errors(tmp_path):
     assert res.exit_code == 2 and "--data" in res.output
     res = runner.invoke(app, ["train", "--member", "seals", "--data", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such dataset" in res.output
-    res = runner.invoke(app, ["train", "--member", "unet", "--synthetic", "--out", str(tmp_path / "r")])
+    res = runner.invoke(app, ["train", "--member", "unet", "--synthetic", "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "unknown member" in res.output
     res = runner.invoke(app, ["train", "--member", "seals", "--synthetic", "--init", "official",
-                              "--out", str(tmp_path / "r2")])  # fmt: skip
+                              "-o", str(tmp_path / "r2")])  # fmt: skip
     assert res.exit_code == 2 and "weights import" in res.output
     res = runner.invoke(app, ["train", "--member", "seals", "--synthetic", "--patch", "64,64"])
     assert res.exit_code == 2 and "--patch" in res.output
+
+
+def test_cli_train_output_option_and_its_hidden_old_spelling(tmp_path, monkeypatch):
+    """-o/--output like every other command; --out (the earlier spelling) still works but is not listed."""
+    import re
+
+    import deepisles.training.loop as loop
+
+    seen = []
+
+    def stop(cfg, **_kw):
+        seen.append(cfg.out)
+        raise DeepIslesError("stopped before training")
+
+    monkeypatch.setattr(loop, "train", stop)
+    base = ["train", "--member", "seals", "--synthetic"]
+    for flag in ("-o", "--output", "--out"):
+        res = runner.invoke(app, [*base, flag, str(tmp_path / flag.strip("-"))])
+        assert res.exit_code == 2 and "stopped before training" in res.output, res.output
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "same"), "--out", str(tmp_path / "same")])
+    assert res.exit_code == 2 and "stopped before training" in res.output
+    assert seen == [tmp_path / "o", tmp_path / "output", tmp_path / "out", tmp_path / "same"]
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "give -o/--output only" in res.output and len(seen) == 4
+    text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--output" in text and "-o" in text and not re.search(r"--out(?!put)", text)
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):

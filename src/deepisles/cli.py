@@ -213,7 +213,8 @@ def train(
     member: Annotated[str, typer.Option("--member", help="seals | nvauto | factorizer")],
     data: Annotated[Path | None, typer.Option("--data", help="ISLES'22-layout dataset (rawdata/… + derivatives/…, or sub-*/ses-*/{dwi,anat}/… + derivatives/…).")] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Train on synthetic cases generated on the fly (domain-randomised) instead of --data.")] = False,
-    run_dir: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder (default runs/<member>); fold K goes to <out>/fold_K.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder (default runs/<member>); fold K goes to <output>/fold_K.")] = None,
+    run_dir_old: Annotated[Path | None, typer.Option("--out", hidden=True, help="Old spelling of --output.")] = None,
     fold: Annotated[int, typer.Option("--fold", help="Fold to train (0-based).", min=0)] = 0,
     folds: Annotated[int, typer.Option("--folds", help="Number of cross-validation folds (by subject); 1 = all cases, no validation.", min=1)] = 5,
     init: Annotated[str, typer.Option("--init", help="none (compact recipe, random weights) | default (packaged default model) | official (imported official weights: fine-tuning).")] = "none",
@@ -227,7 +228,7 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (under torchrun each process takes its local GPU).")] = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision: float16 on CUDA, bfloat16 on CPU.")] = True,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in <out>/fold_K from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in <output>/fold_K from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the fold again over an earlier run, and replace an installed member of the same name.")] = False,
     install: Annotated[bool, typer.Option("--install/--no-install", help="Install the trained member into the weight store ($DEEPISLES_HOME).")] = True,
 ) -> None:
@@ -244,6 +245,10 @@ def train(
         raise DeepIslesError(f"{data}: no such dataset folder")
     if fold >= folds:
         raise DeepIslesError(f"--fold {fold} must be below --folds {folds}")
+    if run_dir_old is not None:  # --out: the earlier spelling, kept working (hidden)
+        if run_dir is not None and run_dir != run_dir_old:
+            raise DeepIslesError(f"-o/--output {run_dir} and --out {run_dir_old} differ; give -o/--output only")
+        run_dir = run_dir_old
     patch_size = None
     if patch:
         try:
