@@ -147,6 +147,36 @@ def test_classical_on_anisotropic_voxels(mni_dwi):
     assert _dice(mask, truth[:, :, ::2]) >= 0.85
 
 
+def _otsu_reference(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's method written out (the hand-written version deepisles used before SimpleITK's): histogram of
+    ``bins`` bins, the centre of the bin maximising the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    between = w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_otsu_is_otsus_threshold_inside_the_mask(seed):
+    rng = np.random.default_rng(seed)
+    n = 20 * 20 * 20
+    low, high = rng.normal(0.3, 0.05, n // 2), rng.normal(0.9 + 0.1 * seed, 0.1, n - n // 2)
+    img = np.concatenate([low, high]).astype(np.float32)
+    rng.shuffle(img)
+    img = img.reshape(20, 20, 20)
+    mask = rng.random(img.shape) < 0.7
+    img[~mask] = 50.0  # outside the mask: must not count
+    t = bm._otsu(img, mask)
+    width = float(np.ptp(img[mask])) / 256
+    assert abs(t - _otsu_reference(img[mask])) <= 0.01 * width  # the same bin (ITK's edges differ by ~0.3%)
+    assert 0.45 < t < 0.8
+    same = np.where(mask, 0.7, 0.0).astype(np.float32)  # one value: all of it is foreground
+    assert np.array_equal(same > bm._otsu(same, mask), mask)
+
+
 # --- errors ------------------------------------------------------------------------------------------
 def test_unknown_method_lists_the_allowed_ones(mni_dwi):
     with pytest.raises(UnknownMethodError) as err:

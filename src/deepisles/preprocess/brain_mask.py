@@ -171,16 +171,19 @@ def _ball(radius_mm: float, spacing) -> np.ndarray:
     return dist <= 1.0
 
 
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+def _otsu(image: np.ndarray, mask: np.ndarray, bins: int = 256) -> float:
+    """Otsu threshold of ``image`` inside ``mask`` (SimpleITK's ``OtsuThresholdImageFilter``: a histogram of
+    ``bins`` bins, the midpoint of the bin that maximises the between-class variance); when every voxel in
+    ``mask`` has one value, a threshold just below it (all of them foreground)."""
+    inside = image[mask]
+    if not inside.max() > inside.min():
+        return float(np.nextafter(inside.min(), -np.inf))
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(bins)
+    otsu.SetReturnBinMidpoint(True)
+    otsu.SetMaskValue(1)
+    otsu.Execute(sitk.GetImageFromArray(image.astype(np.float32)), sitk.GetImageFromArray(mask.astype(np.uint8)))
+    return float(otsu.GetThreshold())
 
 
 def _classical(data: np.ndarray, spacing) -> np.ndarray:
@@ -194,7 +197,7 @@ def _classical(data: np.ndarray, spacing) -> np.ndarray:
         return np.zeros(v.shape, bool)
     # Otsu on log intensities: separates air/bone (noise) from tissue even when the tissue is multi-modal
     logv = np.log1p(v / np.percentile(positive, 99))
-    fg = logv > _otsu(logv[logv > 0])
+    fg = logv > _otsu(logv, logv > 0)
     fg = ndimage.binary_opening(fg, structure=_ball(4.0, spacing))
     fg = _largest_blob(fg)
     fg = ndimage.binary_closing(fg, structure=_ball(4.0, spacing))
