@@ -28,7 +28,7 @@ from deepisles.io.image import Image  # noqa: E402
 from deepisles.io.write import write_text_atomic, write_with_atomic  # noqa: E402
 from deepisles.synth import case_rng, generate_case  # noqa: E402
 from deepisles.synth.anatomy import load_template  # noqa: E402
-from deepisles.synth.contrast import DIPY_B0_CSF_RATIO, DIPY_B0_SNR, measure_dipy_b0  # noqa: E402
+from deepisles.synth.contrast import DIPY_B0_CSF_RATIO, DIPY_B0_SNR, dipy_b0_path, measure_dipy_b0  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DWI_WINDOW = (0, 600)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     figure(f"synthetic: {rep[0]}", rep[1].dwi, rep[1].adc, rep[1].mask, args.out / "realism_synth.png")
     gallery([lc for lc in cases if lc[1].flair is not None][:6], args.out / "realism_gallery.png")
 
-    dipy = measure_dipy_b0()
+    dipy = measure_dipy_b0() if dipy_b0_path() else None  # dipy is a dev-only dependency
     lesion_cases = [s for s in synth_stats if s["lesion_ml"] > 0]
     scen = {}
     for s in synth_stats:

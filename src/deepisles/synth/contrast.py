@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from deepisles.errors import DeepIslesError
 from deepisles.synth.anatomy import Template
 from deepisles.synth.fields import smooth_noise
 
@@ -224,21 +225,29 @@ def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float, corr_vox:
     return np.sqrt((signal + sigma * n1) ** 2 + (sigma * n2) ** 2)
 
 
+DIPY_B0_HINT = "measuring dipy's EPI b0 needs dipy (a dev-only dependency): pip install 'deepisles[dev]'"
+
+
 def dipy_b0_path() -> Path | None:
+    """dipy's ``S0_10slices.nii.gz`` when dipy is installed (found without importing dipy), else None."""
     spec = importlib.util.find_spec("dipy")
-    if spec is None or spec.origin is None:
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(spec.origin).parent / "data" / "files" / "S0_10slices.nii.gz"
-    return path if path.exists() else None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "files" / "S0_10slices.nii.gz"
+    return path if path.is_file() else None
 
 
-def measure_dipy_b0(path: Path | None = None) -> dict | None:
-    """SNR and CSF/brain ratio of dipy's real EPI b0 (how DIPY_B0_SNR / DIPY_B0_CSF_RATIO were obtained)."""
+def measure_dipy_b0(path: Path | None = None) -> dict:
+    """SNR and CSF/brain ratio of dipy's real EPI b0 (how DIPY_B0_SNR / DIPY_B0_CSF_RATIO were obtained).
+
+    A documentation measurement only (synthesis uses the constants): needs dipy, or ``path`` to that file;
+    raises :class:`~deepisles.errors.DeepIslesError` with the install hint otherwise.
+    """
     import nibabel as nib
 
     path = path or dipy_b0_path()
     if path is None:
-        return None
+        raise DeepIslesError(DIPY_B0_HINT)
     d = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)[..., 0]
     corner = np.zeros(d.shape, bool)
     for sx in (slice(0, 10), slice(-10, None)):
