@@ -81,3 +81,39 @@ def test_output_guard_refuses_existing_results(tmp_path):
     afile.write_text("x")
     with pytest.raises(OutputExistsError, match="not a folder"):
         check_output_dir(afile, names, overwrite=True)
+
+
+# --- deepisles.core: the Case and the device choice ------------------------------------------------------
+def test_case_gives_its_modalities_by_name():
+    from deepisles.core import Case
+
+    dwi = Image(np.ones((3, 3, 3), np.float32), np.eye(4))
+    adc = Image(np.full((3, 3, 3), 0.8, np.float32), np.eye(4))
+    case = Case(dwi=dwi, adc=adc, brain=np.ones((3, 3, 3), bool))
+    assert case.modality("dwi") is dwi and case.modality("adc") is adc and case.modality("flair") is None
+    with pytest.raises(KeyError):
+        case.modality("t2")
+
+
+def test_resolve_device(monkeypatch):
+    import torch
+
+    from deepisles.core import resolve_device
+    from deepisles.errors import DeepIslesError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device(" CPU ") == "cpu" and resolve_device("") == "cpu"
+    with pytest.raises(DeepIslesError, match="no CUDA GPU is available"):
+        resolve_device("cuda:1")
+    with pytest.raises(DeepIslesError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_moved_names_are_still_importable_from_their_old_homes():
+    from deepisles import api, core
+    from deepisles.members import Case as members_case
+    from deepisles.members import base
+
+    assert api.resolve_device is core.resolve_device and base.Case is core.Case is members_case

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepisles.core import resolve_device  # moved to core; still importable from here
 from deepisles.errors import DeepIslesError, Interrupted, OutputWriteError
 from deepisles.io.image import Image
 from deepisles.io.read import DEFAULT_MAX_VOXELS
@@ -50,26 +51,6 @@ class SegmentationResult:
     @property
     def count(self) -> int:
         return self.report["lesions"]["count"]
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' are checked."""
-    device = (device or "auto").strip().lower()
-    if device == "cpu":
-        return "cpu"
-    if device == "auto" or device.startswith("cuda"):
-        try:
-            import torch
-
-            has_cuda = torch.cuda.is_available()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            has_cuda = False
-        if device == "auto":
-            return "cuda" if has_cuda else "cpu"
-        if not has_cuda:
-            raise DeepIslesError(f"--device {device}: no CUDA GPU is available (use --device cpu or auto)")
-        return device
-    raise DeepIslesError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
 
 
 def _input_record(path: object, img: Image | None) -> dict | None:

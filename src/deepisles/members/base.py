@@ -8,26 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deepisles.io.image import Image
+from deepisles.core import Case  # noqa: F401 - moved to deepisles.core; re-exported
 
 MODALITIES = ("dwi", "adc", "flair")
-
-
-@dataclass
-class Case:
-    """One preprocessed case, everything on the native DWI grid.
-
-    ``adc`` is in the canonical unit (10^-3 mm^2/s); ``flair`` is registered to the DWI (or None);
-    ``brain`` is the boolean brain mask. Members never read or write files.
-    """
-
-    dwi: Image
-    adc: Image
-    brain: np.ndarray
-    flair: Image | None = None
-
-    def modality(self, name: str) -> Image | None:
-        return {"dwi": self.dwi, "adc": self.adc, "flair": self.flair}[name]
 
 
 @dataclass

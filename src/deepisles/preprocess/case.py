@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
+from deepisles.core import Case
 from deepisles.io.load import LoadedInputs
-from deepisles.members.base import Case
 
 
 def build_case(loaded: LoadedInputs, skull_strip: str = "auto", device: str = "cpu",

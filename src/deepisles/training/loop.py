@@ -80,7 +80,7 @@ def _dist() -> tuple[int, int, int]:
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    from deepisles.api import resolve_device
+    from deepisles.core import resolve_device
 
     dev = torch.device(resolve_device(cfg.device))
     if dev.type == "cuda" and dev.index is None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from deepisles.core import Case
 from deepisles.io.load import LoadedInputs
-from deepisles.members.base import Case
 from deepisles.synth.fields import smooth_noise
 from deepisles.synth.generator import SynthCase, case_rng, generate_case
 
