@@ -4,8 +4,8 @@
         [--iterations 3000] [--threads 1] [--seed 1] [--device cpu] [--package]
 
 Each member is trained by ``deepisles.training`` (the code behind ``deepisles train``) from random
-initialisation (``--init none``: the compact recipes in training/members.py) on synthetic cases generated on the
-fly with domain randomisation (training streams seeded ``seed*1000+100``, validation ``seed*1000+99``; the
+initialisation (``--init none``: the compact recipes, ``COMPACT_RECIPE`` in members/<member>.py) on synthetic
+cases generated on the fly with domain randomisation (training streams seeded ``seed*1000+100``, validation ``seed*1000+99``; the
 benchmark's held-out seed 777777 is never used here). Members run in parallel processes when several are given.
 ``--package`` copies each finished member into ``src/deepisles/default_models/<member>/`` with the origin note
 the report prints ("default model trained on synthetic data, not clinically validated").
@@ -20,6 +20,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from deepisles.progress import Messages, Prefixed
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "src" / "deepisles" / "default_models"
@@ -37,7 +39,7 @@ def _train_one(member: str, args: argparse.Namespace) -> dict:
                       refresh_every=args.refresh_every, install=False, overwrite=not args.resume,
                       resume=args.resume, origin={"recipe": "scripts/train_default_models.py"})  # fmt: skip
     t = time.perf_counter()
-    summary = train(cfg, progress=False, say=lambda m: print(f"[{member}] {m}", flush=True))
+    summary = train(cfg, progress=Prefixed(Messages(lambda m: print(m, flush=True)), f"[{member}]"))
     summary["wall_seconds"] = round(time.perf_counter() - t, 1)
     print(f"[{member}] done: {json.dumps(summary)}", flush=True)
     return summary

@@ -347,13 +347,15 @@ def test_evaluate_paths_sorted_with_progress(tmp_path):
     for n, v in (("b.nii.gz", 1), ("a.nii.gz", 1)):
         _mask(tmp_path / "gt" / n)
         _mask(tmp_path / "pred" / n, v)
-    seen = []
+    from deepisles.progress import Recorder
+
+    rec = Recorder()
     rows = M.evaluate_paths(
-        tmp_path / "pred", tmp_path / "gt", progress=lambda i, n, c: seen.append((i, n, c))
+        tmp_path / "pred", tmp_path / "gt", progress=rec
     )
     assert [r["case"] for r in rows] == ["a", "b"]
     assert list(rows[0]) == list(M.COLUMNS)
-    assert rows[0]["dice"] == 1.0 and seen == [(1, 2, "a"), (2, 2, "b")]
+    assert rows[0]["dice"] == 1.0 and rec.advances == [(1, 2, "a"), (2, 2, "b")]
 
 
 def test_csv_has_exactly_the_columns(tmp_path):

@@ -194,10 +194,12 @@ def test_write_dataset_layout_and_overwrite(tmp_path, monkeypatch, lesion_case, 
         return [lesion_case, free_case][len(seen) - 1]
 
     monkeypatch.setattr(gen, "generate_case", fake)
-    calls = []
-    subs = write_dataset(tmp_path, 2, seed=7, progress=lambda i, n: calls.append((i, n)))
+    from deepisles.progress import Recorder
+
+    rec = Recorder()
+    subs = write_dataset(tmp_path, 2, seed=7, progress=rec)
     assert subs == ["sub-synth0001", "sub-synth0002"]
-    assert calls == [(1, 2), (2, 2)]
+    assert [a[:2] for a in rec.advances] == [(1, 2), (2, 2)]
     # case i is drawn from case_rng(seed, i)
     assert seen == [case_rng(7, 0).bit_generator.state, case_rng(7, 1).bit_generator.state]
     for sub, case in zip(subs, (lesion_case, free_case), strict=True):

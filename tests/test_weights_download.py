@@ -71,11 +71,13 @@ def test_download_resumes_from_partial_file(server, tmp_path):
     info = resolve_archive(f"{server}/api/records/14026715")
     dest = tmp_path / ARCHIVE_NAME
     (tmp_path / (ARCHIVE_NAME + ".part")).write_bytes(PAYLOAD[:300_000])
-    seen = []
-    out = download(info["url"], dest, info["checksum"], size=info["size"], progress=lambda n, t: seen.append(n))
+    from deepisles.progress import Recorder
+
+    rec = Recorder()
+    out = download(info["url"], dest, info["checksum"], size=info["size"], progress=rec)
     assert out.read_bytes() == PAYLOAD
     assert _Handler.ranges == ["bytes=300000-"]
-    assert seen[-1] == len(PAYLOAD)
+    assert rec.advances[-1][0] == len(PAYLOAD)
     assert not (tmp_path / (ARCHIVE_NAME + ".part")).exists()
 
 

@@ -1,7 +1,7 @@
 """Segment a whole BIDS / ISLES'22 dataset into BIDS derivatives: resumable, kill-safe, shardable.
 
-Each case is segmented with :func:`deepisles.api.segment` (members loaded once, cached across cases), its files
-are written into a private work folder inside the output root, fsynced, and the folder is renamed onto
+Each case runs the steps of :mod:`deepisles.pipeline` (members loaded once for the run) and is written by the
+pipeline's writer with the BIDS layout into a private work folder inside the output root, fsynced, and the folder is renamed onto
 ``sub-X[/ses-Y]/dwi`` in one step: a kill at any moment leaves the complete case or nothing under the final
 names. A finished case is recognised by its mask sidecar, which records the SHA-256 of the case's other
 files. Work folders of dead runs are found by their lock (``flock``, released by the kernel when a process
@@ -19,10 +19,8 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
 
 from deepisles import __version__
 from deepisles.errors import DeepIslesError, Interrupted
@@ -34,10 +32,9 @@ from deepisles.outputs.bids import (
     cohort_row,
     cohort_tsv,
     dataset_description,
-    mask_sidecar,
-    probseg_sidecar,
     raw_link,
 )
+from deepisles.progress import Prefixed, Progress, as_progress
 
 try:
     import fcntl
@@ -326,23 +323,15 @@ class Workspace:
         except OSError:
             pass
 
-    def publish(self, names: CaseNames, result, sources: list[str]) -> None:
-        """Write the case's files into the work folder, fsync, rename the folder onto ``sub-X/[ses-Y/]dwi``."""
-        from deepisles.io.hashing import sha256_file
-        from deepisles.io.write import write_json_atomic, write_nifti_atomic
+    def publish(self, names: CaseNames, result, layout) -> None:
+        """Write the case's files into the work folder (the pipeline's writer with the BIDS layout), fsync,
+        rename the folder onto ``sub-X/[ses-Y/]dwi``."""
+        from deepisles.pipeline import write_result
 
         tmp = self.dir / names.stem
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        report = dict(result.report)
-        report["outputs"] = {"mask": names.mask, "mask_sidecar": names.mask_json, "probseg": names.probseg,
-                             "probseg_sidecar": names.probseg_json, "report": names.report}
-        write_nifti_atomic(tmp / names.mask, result.mask.to_nifti(np.uint8))
-        write_nifti_atomic(tmp / names.probseg, result.probability.to_nifti(np.float32))
-        write_json_atomic(tmp / names.probseg_json, probseg_sidecar(report, sources))
-        write_json_atomic(tmp / names.report, report)
-        sums = {n: sha256_file(tmp / n) for n in (names.mask, names.probseg, names.probseg_json, names.report)}
-        write_json_atomic(tmp / names.mask_json, mask_sidecar(report, sources, sums))  # last: completion record
+        write_result(result, tmp, layout)  # the mask sidecar (completion record) last
         _fsync_dir(tmp)
         final = self.outroot / names.folder
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -368,47 +357,45 @@ def run_batch(
     shard: tuple[int, int] = (1, 1),
     retry_failed: bool = False,
     max_voxels: int | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    on_step: Callable[[str, str], None] | None = None,
+    progress: Progress | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
     flair_registered: bool = False,
 ) -> BatchSummary:
     """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
     ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
     ``retry_failed``); a failing case is logged to ``failures.jsonl`` and the run goes on. Rewrites
-    ``cohort.tsv`` at the end. Callbacks: ``on_start(to_run, already_handled)``, ``on_step(case, message)``,
-    ``on_case(outcome)``. ``flair_registered``: as for :func:`deepisles.api.segment`, for every case.
+    ``cohort.tsv`` at the end. ``progress`` (:mod:`deepisles.progress`): ``advance(done, to_run)`` per case,
+    ``step("CASE: stage")`` within a case; ``on_case(outcome)`` after each case. Every case runs the steps of
+    :mod:`deepisles.pipeline` with the members loaded once and is written by its writer with a
+    :class:`~deepisles.pipeline.BidsLayout`. ``flair_registered``: as for :func:`deepisles.api.segment`.
     """
-    from deepisles.api import SKULL_STRIP, resolve_device
+    from deepisles.core import resolve_device
     from deepisles.io.outdir import ensure_writable_folder
-    from deepisles.members import check_member_spec
+    from deepisles.io.read import DEFAULT_MAX_VOXELS
+    from deepisles.pipeline import RunOptions
 
     t0 = time.perf_counter()
     dataset = Path(dataset)
-    if skull_strip not in SKULL_STRIP:
-        raise DeepIslesError(f"--skull-strip {skull_strip}: expected one of {', '.join(SKULL_STRIP)}")
-    check_member_spec(members)
-    device_used = resolve_device(device)
+    opts = RunOptions(members=members, fast=fast, skull_strip=skull_strip, flair_registered=flair_registered,
+                      max_voxels=DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels)  # fmt: skip
+    opts.check()
+    opts = replace(opts, device=resolve_device(device))
     cases = find_cases(dataset, require_mask=False, keep_ambiguous=True)
     k, n = shard
     mine = shard_cases(cases, k, n)
     out = Path(outroot) if outroot is not None else dataset / "derivatives" / "deepisles"
     ensure_writable_folder(out)  # before any model is loaded
     with run_lock(out, (k, n)):
-        return _run_locked(dataset, out, cases, mine, members=members, device_used=device_used, fast=fast,
-                           skull_strip=skull_strip, shard=(k, n), retry_failed=retry_failed, max_voxels=max_voxels,
-                           on_start=on_start, on_step=on_step, on_case=on_case, t0=t0,
-                           flair_registered=flair_registered)
+        return _run_locked(dataset, out, cases, mine, opts, shard=(k, n), retry_failed=retry_failed,
+                           progress=as_progress(progress), on_case=on_case, t0=t0)  # fmt: skip
 
 
-def _run_locked(dataset, out, cases, mine, *, members, device_used, fast, skull_strip, shard, retry_failed,
-                max_voxels, on_start, on_step, on_case, t0, flair_registered=False) -> BatchSummary:  # fmt: skip
-    from deepisles.api import segment
+def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progress, on_case, t0) -> BatchSummary:
     from deepisles.io.write import write_json_atomic, write_text_atomic
-    from deepisles.members import resolve_members
+    from deepisles.pipeline import BidsLayout, InputFiles, Trace, load_members, run_case
 
     k, n = shard
-    resolve_members(members, device_used, fast)  # loads the networks once (cached across cases)
+    member_set = load_members(opts, progress)  # the networks, once for the whole run
     raw_root = dataset / "rawdata" if (dataset / "rawdata").is_dir() else dataset
     write_json_atomic(out / "dataset_description.json", dataset_description(raw_link(raw_root, out)))
     write_text_atomic(out / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
@@ -424,31 +411,29 @@ def _run_locked(dataset, out, cases, mine, *, members, device_used, fast, skull_
                 summary.outcomes.append(CaseOutcome(case.case_id, "failed-before", error=failed_before[case.case_id]))
             else:
                 todo.append(case)
-        if on_start:
-            on_start(len(todo), len(mine) - len(todo))
-        for case in todo:
+        progress.advance(0, len(todo), f"{len(todo)} to segment ({len(mine) - len(todo)} already handled)")
+        for i, case in enumerate(todo, 1):
             names, t = case_names(case), time.perf_counter()
-            say = (lambda m, cid=case.case_id: on_step(cid, m)) if on_step else None
+            step = Prefixed(progress, case.case_id)
             try:
                 if case.problem:  # e.g. two DWI files for one subject: this case fails, the others run
                     raise DeepIslesError(case.problem)
-                if say:
-                    say("starting")
-                limit = {} if max_voxels is None else {"max_voxels": max_voxels}
-                result = segment(case.dwi, case.adc, case.flair, outdir=None, skull_strip=skull_strip,
-                                 members=members, device=device_used, fast=fast, preview=False, progress=say,
-                                 flair_registered=flair_registered, **limit)
-                sources = [bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None]
-                if say:
-                    say("writing")
-                ws.publish(names, result, sources)
+                step.step("starting")
+                sources = tuple(bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None)
+                layout = BidsLayout(names, sources)
+                members_now = replace(member_set, skipped=list(member_set.skipped))
+                result = run_case(InputFiles(case.dwi, case.adc, case.flair), opts, layout=layout,
+                                  members=members_now, progress=step, trace=Trace())  # fmt: skip
+                step.step("writing")
+                ws.publish(names, result, layout)
                 outcome = CaseOutcome(case.case_id, "done", time.perf_counter() - t)
-            except Interrupted:  # Ctrl-C inside segment(): stop the run, as any KeyboardInterrupt
+            except (KeyboardInterrupt, Interrupted):  # Ctrl-C: stop the run (the case is not published)
                 raise KeyboardInterrupt from None
             except Exception as exc:  # one case never stops the run
                 outcome = CaseOutcome(case.case_id, "failed", time.perf_counter() - t, one_line(exc))
                 _log_failure(out, case, outcome.error or "")
             summary.outcomes.append(outcome)
+            progress.advance(i, len(todo), case.case_id)
             if on_case:
                 on_case(outcome)
     write_cohort(out, cases)

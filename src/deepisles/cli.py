@@ -63,6 +63,35 @@ def _friendly(fn):
     return wrapper
 
 
+class _StatusLine:
+    """deepisles.progress.Progress on a rich status spinner: the latest step (user text escaped)."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def step(self, message: str) -> None:
+        self.status.update(escape(message))
+
+    def advance(self, done: int, total: int | None = None, item: str = "") -> None:
+        pass
+
+
+class _Bar:
+    """deepisles.progress.Progress on one rich progress-bar task: advances move it, steps and items name it."""
+
+    def __init__(self, bar, task, print_steps: bool = False):
+        self.bar, self.task, self.print_steps = bar, task, print_steps
+
+    def step(self, message: str) -> None:
+        if self.print_steps:  # a line each (e.g. training's data preparation), above the bar
+            self.bar.console.print(Text(message), highlight=False, soft_wrap=True)
+        else:
+            self.bar.update(self.task, description=escape(message))
+
+    def advance(self, done: int, total: int | None = None, item: str = "") -> None:
+        self.bar.update(self.task, completed=done, total=total, **({"description": escape(item)} if item else {}))
+
+
 def _warn_lines(warnings: list[str]) -> None:
     for w in warnings:
         _line("warning:", "yellow", w)
@@ -118,7 +147,7 @@ def segment(
         result = api_segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
             bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview,
-            html=not no_html, output_type=output_type, max_voxels=max_voxels, progress=lambda m: status.update(escape(m)),
+            html=not no_html, output_type=output_type, max_voxels=max_voxels, progress=_StatusLine(status),
             flair_registered=flair_registered,
         )
     _warn_lines(result.report["warnings"])
@@ -142,7 +171,7 @@ def evaluate(
         task = bar.add_task("scoring", total=None)
         rows, summary = api_evaluate(
             pred, gt, csv=csv, overwrite=overwrite,
-            progress=lambda done, total, case: bar.update(task, completed=done, total=total, description=escape(str(case))),
+            progress=_Bar(bar, task),
         )
     table = Table(title=f"ISLES'22 metrics over {len(rows)} case(s)")
     for col in ("metric", "mean", "median", "IQR (q1–q3)"):
@@ -169,7 +198,7 @@ def synth(
 
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("synthesizing", total=n)
-        ids = api_synth(outdir, n, seed, overwrite=overwrite, progress=lambda i, total: bar.update(task, completed=i))
+        ids = api_synth(outdir, n, seed, overwrite=overwrite, progress=_Bar(bar, task))
     out.print(f"wrote {len(ids)} case(s) to {outdir}")
 
 
@@ -194,7 +223,7 @@ def demo(
     with err.status("segmenting") as status:
         result = api_segment(
             raw / f"{sub}_ses-0001_dwi.nii.gz", raw / f"{sub}_ses-0001_adc.nii.gz", raw / f"{sub}_ses-0001_flair.nii.gz",
-            outdir=outdir, overwrite=True, progress=lambda m: status.update(escape(m)),
+            outdir=outdir, overwrite=True, progress=_StatusLine(status),
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -262,7 +291,12 @@ def train(
                       patch=patch_size,
                       val_every=val_every, checkpoint_every=checkpoint_every, seed=seed, device=device, amp=amp,
                       resume=resume, overwrite=overwrite, install=install)  # fmt: skip
-    summary = run_training(cfg, progress=True, say=lambda m: err.print(m, highlight=False))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:  # fmt: skip
+        task = bar.add_task(escape(f"train {cfg.member} fold {cfg.fold}"), total=cfg.iterations)
+        summary = run_training(cfg, progress=_Bar(bar, task, print_steps=True))
     table = Table(title=f"trained {summary['member']} fold {summary['fold']}", show_header=False)
     for key in ("iterations", "seconds", "device", "world_size", "val_dice", "val_f1", "weights", "member_folder",
                 "installed"):
@@ -312,20 +346,15 @@ def batch(
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("finding cases, loading members", total=None)
 
-        def on_start(todo: int, handled: int) -> None:
-            bar.update(task, total=todo, description=f"{todo} to segment ({handled} already handled)")
-
         def on_case(o) -> None:
-            bar.advance(task)
             if o.status == "failed":
                 bar.console.print(Text.assemble(("failed", "bold red"), f" {o.case_id}: {o.error or ''}"),
                                   highlight=False, soft_wrap=True)
 
         summary = run_batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
-            retry_failed=retry_failed, max_voxels=max_voxels, on_start=on_start, on_case=on_case,
+            retry_failed=retry_failed, max_voxels=max_voxels, progress=_Bar(bar, task), on_case=on_case,
             flair_registered=flair_registered,
-            on_step=lambda case, msg: bar.update(task, description=escape(f"{case}: {msg}")),
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
     table.add_row("segmented now", str(summary.count("done")))
@@ -432,7 +461,7 @@ def weights_download(
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=err) as bar:
         task = bar.add_task("downloading", total=size)
-        path = download(url, dest, checksum, size=size, progress=lambda n, t: bar.update(task, completed=n, total=t))
+        path = download(url, dest, checksum, size=size, progress=_Bar(bar, task))
     out.print(f"saved {path}; next: deepisles weights import {path}")
 
 

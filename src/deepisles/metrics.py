@@ -22,7 +22,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 from deepisles.errors import InputError
 from deepisles.io.dataset import CaseKey, case_id, find_masks
 from deepisles.io.write import write_text_atomic
+from deepisles.progress import Progress, as_progress
 
 COLUMNS = ("case", "dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
 METRICS = COLUMNS[1:]
@@ -368,18 +369,18 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
 
 # ------------------------------------------------------------------------------------------------- batch
 def evaluate_paths(
-    pred: Path, gt: Path, progress: Callable[[int, int, str], None] | None = None
+    pred: Path, gt: Path, progress: Progress | None = None
 ) -> list[dict]:
     """Metrics of every paired case: rows ``{"case": ..., <metrics>}`` sorted by case.
 
-    ``progress(done, total, case)`` is called after each case when given.
+    ``progress.advance(done, total, case)`` after each case (:mod:`deepisles.progress`).
     """
+    progress = as_progress(progress)
     pairs = pair_cases(pred, gt)
     rows = []
     for i, (case, p, g) in enumerate(pairs, start=1):
         rows.append({"case": case, **evaluate_pair(p, g)})
-        if progress is not None:
-            progress(i, len(pairs), case)
+        progress.advance(i, len(pairs), case)
     return sorted(rows, key=lambda r: r["case"])
 
 

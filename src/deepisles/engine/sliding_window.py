@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from deepisles.progress import Progress
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -114,7 +116,8 @@ def constant(patch: Sequence[int]) -> torch.Tensor:
 
 # --- precision ----------------------------------------------------------------------------------
 def autocast(device: torch.device | str, amp: bool):
-    """bf16/fp16 autocast on CUDA when ``amp``; plain fp32 elsewhere."""
+    """float16 autocast on CUDA when ``amp`` (as nnU-Net and MONAI run the references); plain float32 otherwise,
+    on CPU always (no bfloat16 at inference)."""
     device = torch.device(device)
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -166,7 +169,7 @@ def sliding_window(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     amp: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Blend ``predict`` over windows of ``image`` (C, *S), already padded to >= patch.
 
@@ -191,6 +194,6 @@ def sliding_window(
         for k, s in enumerate(sl):
             acc[(slice(None), *s)] += out[k] * w
             norm[s] += w
-        if progress:
-            progress(min(i + batch_size, len(windows)), len(windows))
+        if progress is not None:  # windows done of all (deepisles.progress)
+            progress.advance(min(i + batch_size, len(windows)), len(windows))
     return acc / norm

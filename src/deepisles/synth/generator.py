@@ -3,7 +3,6 @@ write_dataset(): many of them in the ISLES'22 folder layout."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 from deepisles.io.write import check_output_dir, write_json_atomic, write_nifti_atomic, write_text_atomic
+from deepisles.progress import Progress, as_progress
 from deepisles.synth.acquisition import active_voxels, make_grid, subsample_factors, supersample
 from deepisles.synth.anatomy import Template, load_template
 from deepisles.synth.contrast import (
@@ -282,7 +282,7 @@ def write_dataset(
     n: int,
     seed: int,
     overwrite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Write ``n`` cases in the ISLES'22 layout under ``outdir``; returns the subject ids.
 
@@ -290,7 +290,7 @@ def write_dataset(
     ``derivatives/sub-synthNNNN/ses-0001/sub-synthNNNN_ses-0001_msk.nii.gz``, ``rawdata/participants.tsv``,
     ``dataset_description.json`` files and ``synth_manifest.json`` (per-case meta). Case ``i`` depends only on
     ``(seed, i)``. Refuses an ``outdir`` that holds rawdata/derivatives unless ``overwrite``.
-    ``progress(done, n)`` is called after each written case.
+    ``progress.advance(done, n, subject)`` after each written case (:mod:`deepisles.progress`).
     """
     outdir = Path(outdir)
     n = int(n)
@@ -299,6 +299,7 @@ def write_dataset(
     check_output_dir(outdir, ["rawdata", "derivatives"], overwrite)
     subjects: list[str] = []
     records: list[dict] = []
+    progress = as_progress(progress)
     for i in range(n):
         sub = f"sub-synth{i + 1:04d}"
         case = generate_case(case_rng(seed, i))
@@ -322,8 +323,7 @@ def write_dataset(
         records.append(
             {"subject": sub, "files": {k: str(v.relative_to(outdir)) for k, v in files.items()}, **case.meta}
         )
-        if progress is not None:
-            progress(i + 1, n)
+        progress.advance(i + 1, n)
 
     desc = {
         "Name": "deepisles synthetic acute stroke (ISLES'22 layout)",

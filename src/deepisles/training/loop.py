@@ -2,7 +2,7 @@
 
 The data path is the inference path: cases are loaded and validated by ``deepisles.io``, turned into a
 ``Case`` by ``preprocess.case.build_case`` and brought to the network's grid by the member's own
-``network_input``. Patches (half of them centred on lesion voxels) get MONAI augmentations; the loss is
+``preprocess`` stage. Patches (half of them centred on lesion voxels) get MONAI augmentations; the loss is
 Dice + cross-entropy (softmax members) or Dice + BCE (FACTORIZER's single logit). AdamW, linear warm-up then
 polynomial decay; mixed precision (float16 with loss scaling on CUDA, bfloat16 on CPU). Validation runs the
 member's inference runtime on whole held-out cases and scores them with the official ISLES'22 metrics.
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from deepisles.errors import DeepIslesError
+from deepisles.progress import Progress, Silent, as_progress
 from deepisles.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from deepisles.training.members import Sample, Trainable, make_trainable
 
@@ -274,14 +275,16 @@ class _Logs:
             self.tb.close()
 
 
-def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
-    """Train one fold of one member; returns a summary (final validation, files, time)."""
+def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
+    """Train one fold of one member; returns a summary (final validation, files, time). ``progress``
+    (:mod:`deepisles.progress`, rank 0 only): ``step`` for data preparation, ``advance(iteration, iterations,
+    "loss ... val Dice ...")`` as training goes."""
     from deepisles.training.synthetic import SyntheticSource
 
     rank, world, local = _dist()
     distributed = world > 1
-    say = say or (lambda msg: log.info(msg))
-    say = say if rank == 0 else (lambda _m: None)
+    progress = as_progress(progress) if rank == 0 else Silent()
+    say = progress.step
     if cfg.member == "factorizer" and cfg.arch != "resunet" and cfg.init == "none":
         raise DeepIslesError("the compact recipe trains the FACTORIZER Res-U-Net; other architectures need "
                              "--init official")
@@ -365,15 +368,7 @@ def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
     last: dict = dict(log_state.get("last", {}))
     running = []
 
-    bar = None
-    if progress and rank == 0:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(f"train {cfg.member} fold {cfg.fold}"), BarColumn(),
-                       TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                       TextColumn("{task.fields[info]}"))  # fmt: skip
-        bar.start()
-        task = bar.add_task("", total=cfg.iterations, completed=start_it, info="")
+    progress.advance(start_it, cfg.iterations, f"train {cfg.member} fold {cfg.fold}")
     try:
         for it in range(start_it, cfg.iterations):
             lr = _lr_at(cfg, base_lr, it)
@@ -410,14 +405,11 @@ def train(cfg: TrainConfig, progress: bool = True, say=None) -> dict:
                 if is_ck:
                     save_checkpoint(run_dir, net, opt, {"iteration": done, "seconds": row["seconds"],
                                                         "last": last, "config": _jsonable(cfg)})
-                if bar is not None:
-                    info = f"loss {row['loss']:.3f}" + (f" val Dice {last['val_dice']:.3f}" if last else "")
-                    bar.update(task, completed=done, info=info)
+                info = f"loss {row['loss']:.3f}" + (f" val Dice {last['val_dice']:.3f}" if last else "")
+                progress.advance(done, cfg.iterations, f"train {cfg.member} fold {cfg.fold}: {info}")
             if distributed and (is_val or is_ck):
                 torch.distributed.barrier()
     finally:
-        if bar is not None:
-            bar.stop()
         if logs is not None:
             logs.close()
     seconds = elapsed0 + time.perf_counter() - t0

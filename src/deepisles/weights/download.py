@@ -13,10 +13,10 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from deepisles.errors import DeepIslesError
+from deepisles.progress import Progress, as_progress
 
 ZENODO_API = "https://zenodo.org/api/records/14026715"
 ARCHIVE_NAME = "stroke_ensemble_weights.7z"
@@ -50,10 +50,11 @@ def download(
     checksum: str,
     *,
     size: int | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
     timeout: float = 60,
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify ``checksum``; returns ``dest``."""
+    progress = as_progress(progress)
     dest = Path(dest)
     if dest.exists():
         raise DeepIslesError(f"{dest}: already exists; remove it or choose another destination")
@@ -94,8 +95,7 @@ def download(
                         fh.write(chunk)
                         hasher.update(chunk)
                         have += len(chunk)
-                        if progress:
-                            progress(have, total)
+                        progress.advance(have, total)
                     fh.flush()
                     os.fsync(fh.fileno())
     if hasher.hexdigest() != expected:
