@@ -8,8 +8,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-# LPS (ITK) <-> RAS (NIfTI/nibabel) flips the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# LPS (ITK, DICOM) <-> RAS (NIfTI/nibabel) flips the first two world axes; the matrix is its own inverse.
+# The one definition in deepisles: registration, atlas and DICOM SEG import it.
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_LPS_TO_RAS = RAS_FROM_LPS[:3, :3]
 
 
 @dataclass

@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from deepisles.errors import DeepIslesError
-from deepisles.io.image import Image
+from deepisles.io.image import RAS_FROM_LPS, Image
 
 SEG_FILENAME = "lesion_seg.dcm"
 SEGMENT_LABEL = "Ischemic stroke lesion"
 DEFAULT_DESCRIPTION = "deepisles stroke lesion (research use only)"
 GRID_TOLERANCE = 0.05  # voxel: how far a source pixel centre may sit from a mask voxel centre
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def require_dicom_dwi(dwi: Image) -> list[str]:
@@ -86,7 +85,7 @@ def _frame(mask: np.ndarray, affine_inv: np.ndarray, ds) -> np.ndarray:
     pixel_to_lps[:3, 0] = iop[:3] * col_spacing  # along a row: column index c
     pixel_to_lps[:3, 1] = iop[3:] * row_spacing  # down a column: row index r
     pixel_to_lps[:3, 3] = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-    m = affine_inv @ _RAS_FROM_LPS @ pixel_to_lps
+    m = affine_inv @ RAS_FROM_LPS @ pixel_to_lps
     cols, rows = np.meshgrid(np.arange(int(ds.Columns)), np.arange(int(ds.Rows)))
     ijk = m[:3, :1, None] * cols + m[:3, 1:2, None] * rows + m[:3, 3:4, None]  # (3, Rows, Columns)
     idx = np.rint(ijk).astype(np.int64)

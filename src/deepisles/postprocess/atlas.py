@@ -34,7 +34,8 @@ from scipy import ndimage as ndi
 
 from deepisles import resources
 from deepisles.errors import DeepIslesError
-from deepisles.io.image import Image
+from deepisles.io.image import RAS_FROM_LPS, Image
+from deepisles.preprocess.register import metric_of, mi_method, ras_matrix, set_gradient_descent
 
 WORK_MM = 3.0  # isotropic grid on which the case is registered
 TEMPLATE_MM = 2  # template bin-averaging factor (1 mm -> 2 mm)
@@ -85,7 +86,6 @@ LOBE_PREFIXES: tuple[tuple[str, str], ...] = (
 #: Unlabelled template-brain voxels in this MNI box (|x| <= 14, y in [-46, -8], z <= -8) are brainstem.
 BRAINSTEM_BOX_MM = {"abs_x_max": 14.0, "y": (-46.0, -8.0), "z_max": -8.0}
 
-_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def lobe_of(name: str) -> str | None:
@@ -112,7 +112,7 @@ def _template() -> tuple[sitk.Image, sitk.Image, np.ndarray, float]:
 
 def _centre_lps(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     c = np.argwhere(mask).mean(axis=0)
-    return (_RAS_LPS[:3, :3] @ (affine[:3, :3] @ c + affine[:3, 3])).astype(np.float64)
+    return (RAS_FROM_LPS[:3, :3] @ (affine[:3, :3] @ c + affine[:3, 3])).astype(np.float64)
 
 
 # --- registration ----------------------------------------------------------------------------------------
@@ -177,39 +177,19 @@ def register_to_mni(image: Image, brain: np.ndarray | None = None) -> MniRegistr
     tx.SetMatrix([float(v) for v in (np.eye(3) * scale).ravel()])
     tx.SetTranslation([float(v) for v in t_com - f_com])
 
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=STAGE["bins"])
-    reg.SetMetricFixedMask(fixed_mask)
+    reg = mi_method(fixed_mask, STAGE["bins"])
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(STAGE["sampling"], SEED)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=STAGE["iterations"], relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-6,
-    )  # fmt: skip
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(STAGE["shrink"])
-    reg.SetSmoothingSigmasPerLevel(STAGE["sigmas"])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    set_gradient_descent(reg, STAGE["iterations"], STAGE["shrink"], STAGE["sigmas"])
     reg.SetInitialTransform(tx, inPlace=True)
     try:
         reg.Execute(fixed, t1)
-        final_reg = sitk.ImageRegistrationMethod()
-        final_reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=STAGE["bins"])
-        final_reg.SetMetricFixedMask(fixed_mask)
-        final_reg.SetInterpolator(sitk.sitkLinear)
-        final_reg.SetInitialTransform(tx, inPlace=False)
-        metric = float(final_reg.MetricEvaluate(fixed, t1))
+        metric = metric_of(fixed, t1, tx, fixed_mask, STAGE["bins"])
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DeepIslesError(f"MNI registration failed: {msg}") from exc
 
-    lps = np.eye(4)
-    m = np.array(tx.GetMatrix()).reshape(3, 3)
-    c = np.array(tx.GetCenter())
-    lps[:3, :3] = m
-    lps[:3, 3] = np.array(tx.GetTranslation()) + c - m @ c
-    matrix = _RAS_LPS @ lps @ _RAS_LPS
+    matrix = ras_matrix(tx)
 
     warped = sitk.Resample(t1_mask, fixed_mask, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     a = sitk.GetArrayViewFromImage(fixed_mask) > 0

@@ -57,7 +57,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepisles.errors import DeepIslesError
-from deepisles.io.image import Image
+from deepisles.io.image import RAS_FROM_LPS, Image
 
 __all__ = ["align_to", "register_to", "SEED", "PASS_THROUGH_MM"]
 
@@ -88,7 +88,6 @@ RIGID_STAGE = dict(
 )
 AFFINE_STAGE = dict(shrink=[2, 1], sigmas=[1.0, 0.0], iterations=100, samples=50_000, gradient_filter=False)
 
-_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 
 
 def register_to(
@@ -197,7 +196,7 @@ def register_to(
             f"registration of {name} failed: implausible affine scaling {np.round(scales, 2).tolist()} "
             f"(allowed 1/{MAX_SCALE}..{MAX_SCALE})"
         )
-    final_ras = _ras_matrix(final)
+    final_ras = ras_matrix(final)
     foreground = fixed_mask if fixed_mask is not None else np.asarray(fixed.data) != 0
     overlap = _fov_overlap(foreground, fixed.affine, final_ras, moving)
     if overlap < MIN_FOV_OVERLAP:
@@ -210,7 +209,7 @@ def register_to(
     data = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     registered = Image(np.ascontiguousarray(data), fixed.affine.copy(), moving.source, dict(moving.meta))
 
-    rigid_ras = _ras_matrix(rigid)
+    rigid_ras = ras_matrix(rigid)
     rot = rigid_ras[:3, :3]
     angle = math.degrees(math.acos(float(np.clip((np.trace(rot) - 1.0) / 2.0, -1.0, 1.0))))
     info = {
@@ -226,12 +225,12 @@ def register_to(
                 math.degrees(a) * sgn for a, sgn in zip(rigid.GetParameters()[:3], (-1, -1, 1), strict=True)
             ],
             "rotation_angle_deg": angle,
-            "translation_mm": [float(v) for v in _RAS_LPS[:3, :3] @ np.array(rigid.GetTranslation())],
+            "translation_mm": [float(v) for v in RAS_FROM_LPS[:3, :3] @ np.array(rigid.GetTranslation())],
         },
         "rigid_ras": rigid_ras.tolist(),
         "transform": "affine" if use_affine else "rigid",
         "matrix_ras": final_ras.tolist(),
-        "affine_ras": _ras_matrix(affine).tolist(),
+        "affine_ras": ras_matrix(affine).tolist(),
         "metric_affine": float(metric_affine),
         "affine_gain": float(gain),
         "affine_scales": [float(s) for s in scales],
@@ -370,21 +369,43 @@ def _working_copy(m_img: sitk.Image, fixed_spacing: float) -> sitk.Image:
     return sitk.BinShrink(m_img, factors) if max(factors) > 1 else m_img
 
 
-def _method(mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
+def mi_method(mask: sitk.Image | None, bins: int = 50) -> sitk.ImageRegistrationMethod:
+    """The one registration setup of deepisles (FLAIR -> DWI here, DWI -> MNI in postprocess/atlas.py): Mattes
+    mutual information over the fixed mask, linear interpolation."""
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetInterpolator(sitk.sitkLinear)
     if mask is not None:
         reg.SetMetricFixedMask(mask)
     return reg
 
 
+def set_gradient_descent(reg: sitk.ImageRegistrationMethod, iterations: int, shrink, sigmas) -> None:
+    """Regular-step gradient descent with physical-shift scales over a multi-resolution pyramid (``shrink``
+    factors, smoothing ``sigmas`` in mm): the optimiser both registrations use."""
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-6,
+    )  # fmt: skip
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(sigmas)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+
+
+def metric_of(f_img: sitk.Image, m_img: sitk.Image, tx: sitk.Transform, mask: sitk.Image | None,
+              bins: int = 50) -> float:  # fmt: skip
+    """Metric of ``tx`` over every fixed voxel (in the mask): deterministic, comparable between transforms;
+    raises ``RuntimeError`` when ITK cannot evaluate it."""
+    reg = mi_method(mask, bins)
+    reg.SetInitialTransform(tx, inPlace=False)
+    return float(reg.MetricEvaluate(f_img, m_img))
+
+
 def _evaluate(f_img: sitk.Image, m_img: sitk.Image, tx: sitk.Transform, mask: sitk.Image | None) -> float:
     """Metric of ``tx`` over every fixed voxel (in the mask): deterministic, comparable between transforms."""
-    reg = _method(mask)
-    reg.SetInitialTransform(tx, inPlace=False)
     try:
-        return float(reg.MetricEvaluate(f_img, m_img))
+        return metric_of(f_img, m_img, tx, mask)
     except RuntimeError:
         return math.nan
 
@@ -392,7 +413,7 @@ def _evaluate(f_img: sitk.Image, m_img: sitk.Image, tx: sitk.Transform, mask: si
 def _optimise(
     f_img, m_img, tx, mask, n_fixed, *, shrink, sigmas, iterations, samples, gradient_filter
 ) -> tuple:
-    reg = _method(mask)
+    reg = mi_method(mask)
     # random samples (fixed seed) per level: about ``samples`` points, all voxels at coarse levels
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentagePerLevel(
@@ -404,17 +425,7 @@ def _optimise(
         # With the gradient image the affine stage walked *away* from the optimum in our tests.
         reg.MetricUseMovingImageGradientFilterOff()
         reg.MetricUseFixedImageGradientFilterOff()
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0,
-        minStep=1e-3,
-        numberOfIterations=iterations,
-        relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-6,
-    )
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(sigmas)
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    set_gradient_descent(reg, iterations, shrink, sigmas)
     tx = type(tx)(tx)  # optimised in place, on a copy
     reg.SetInitialTransform(tx, inPlace=True)
     per_level: list[int] = []
@@ -432,7 +443,7 @@ def _optimise(
     return tx, per_level, reg.GetOptimizerStopConditionDescription()
 
 
-def _ras_matrix(tx: sitk.Transform) -> np.ndarray:
+def ras_matrix(tx: sitk.Transform) -> np.ndarray:
     """4x4 matrix of a matrix+offset ITK transform (fixed LPS -> moving LPS), expressed in RAS."""
     m = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
     c = np.array(tx.GetCenter(), dtype=np.float64)
@@ -440,7 +451,7 @@ def _ras_matrix(tx: sitk.Transform) -> np.ndarray:
     lps = np.eye(4)
     lps[:3, :3] = m
     lps[:3, 3] = t + c - m @ c
-    return _RAS_LPS @ lps @ _RAS_LPS
+    return RAS_FROM_LPS @ lps @ RAS_FROM_LPS
 
 
 def _fov_overlap(foreground: np.ndarray, fixed_affine: np.ndarray, ras: np.ndarray, moving: Image) -> float:
