@@ -52,8 +52,14 @@ class _NeedsFlair(Member):
     modalities = ("dwi", "adc", "flair")
     required = ("dwi", "adc", "flair")
 
-    def predict(self, case):  # pragma: no cover - never reached without FLAIR
-        return np.zeros(case.dwi.shape)
+    def preprocess(self, case, label=None):  # pragma: no cover - never reached without FLAIR
+        raise AssertionError("preprocess ran without the required FLAIR")
+
+    def infer(self, x):  # pragma: no cover
+        raise AssertionError
+
+    def export(self, output, context):  # pragma: no cover
+        raise AssertionError
 
 
 def test_member_without_required_modality_is_unavailable():

@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepisles.core import Case
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
-from deepisles.members.base import Case, MemberUnavailable
+from deepisles.members.base import MemberUnavailable
 from deepisles.members.factorizer import FactorizerMember, normalize_nonzero, resized_shape
 from deepisles.weights import import_factorizer as imp
 from deepisles.weights import store
@@ -60,7 +61,8 @@ def test_import_writes_safetensors_and_json(imported):
         head = p.read_bytes()[:2]
         assert head not in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05")
     meta = json.loads((dest / "member.json").read_text())
-    assert meta["member"] == "factorizer" and meta["inputs"] == ["dwi", "adc", "flair"]
+    assert meta["format"] == 2 and meta["member"] == "factorizer" and meta["inputs"] == ["dwi", "adc", "flair"]
+    assert meta["settings"]["roi_size"] == [64, 64, 64] and meta["settings"]["ensemble_weight"] == 0.1
     assert [m["name"] for m in meta["models"]] == MODELS
     for m in meta["models"]:
         tensors = load_file(str(dest / m["file"]))
@@ -87,11 +89,10 @@ def test_parity_with_reference(imported):
     res = member.run(case)  # CPU, float32
     ref_prob = 1.0 / (1.0 + np.exp(-ref["scaled_logit"].astype(np.float64) / 0.1))  # sigmoid(mean logit)
     assert res.probability.shape == case.dwi.shape
-    assert np.abs(res.probability - ref_prob).max() <= 1e-3
+    assert np.abs(res.probability - ref_prob).max() <= 1e-3  # measured 2.1e-7 on CPU
     a, b = res.mask.astype(bool), ref["mask"].astype(bool)
     assert b.sum() > 1000 and (~b).sum() > 1000  # the fixture's decision is not trivial
-    dice = 2 * np.sum(a & b) / (a.sum() + b.sum())
-    assert dice >= 0.999
+    assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ from the reference mask"  # identical on CPU
     assert res.info["models"] == MODELS and res.info["eval_mode"] is True
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepisles.core import Case
 from deepisles.errors import DeepIslesError
-from deepisles.members.base import Case, MemberUnavailable
+from deepisles.members.base import MemberUnavailable
 from deepisles.members.seals import SealsMember, _pixdim_like, deepisles_grid_size
 from deepisles.preprocess.inputs import load_inputs
 from deepisles.weights import import_seals, store
@@ -59,9 +60,10 @@ def test_import_writes_safetensors_without_module_prefix(home):
     dest = import_seals.import_official(src, say=messages.append)
     assert any("unpickling official SEALS checkpoint" in m for m in messages)
     meta = json.loads((dest / "member.json").read_text())
-    assert meta["member"] == "seals" and meta["inputs"] == ["dwi", "adc"] and meta["folds"] == [0, 1]
-    assert meta["trainer"] == "nnUNetTrainerV2_DDP"
-    assert meta["network"]["base_num_features"] == 4 and meta["inference"]["patch_size"] == [24, 32, 32]
+    assert meta["format"] == 2 and meta["member"] == "seals" and meta["inputs"] == ["dwi", "adc"]
+    assert meta["models"] == [{"file": f"fold_{k}.safetensors", "name": f"fold_{k}", "fold": k} for k in (0, 1)]
+    assert meta["provenance"]["trainer"] == "nnUNetTrainerV2_DDP"
+    assert meta["network"]["base_num_features"] == 4 and meta["settings"]["inference"]["patch_size"] == [24, 32, 32]
     assert set(meta["files"]) == {"fold_0.safetensors", "fold_1.safetensors"}
     for name, digest in meta["files"].items():
         assert store.sha256_file(dest / name) == digest
@@ -85,16 +87,16 @@ def test_import_writes_safetensors_without_module_prefix(home):
 def test_import_reads_stage_transpose_and_export_params(home):
     meta = json.loads((import_seals.import_official(import_seals.locate(FIX / "resample")) / "member.json")
                       .read_text())
-    assert meta["stage"] == 1 and meta["trainer"] == "nnUNetTrainerV2"
-    pre = meta["preprocessing"]
+    assert meta["provenance"]["stage"] == 1 and meta["provenance"]["trainer"] == "nnUNetTrainerV2"
+    pre = meta["settings"]["preprocessing"]
     assert pre["transpose_forward"] == [2, 0, 1] and pre["transpose_backward"] == [1, 2, 0]
     assert pre["target_spacing"] == [1.25, 1.6, 1.1] and pre["use_mask_for_norm"] == [True, False]
     assert meta["network"]["pool_op_kernel_sizes"] == [[1, 2, 2], [2, 2, 2]]
     meta = json.loads((import_seals.import_official(import_seals.locate(FIX / "separate_z"), overwrite=True)
                        / "member.json").read_text())
-    assert meta["export"]["interpolation_order"] == 3
-    assert meta["preprocessing"]["normalization_schemes"] == ["nonCT", "CT"]
-    assert meta["preprocessing"]["intensity_properties"][1]["percentile_99_5"] == 3.2
+    assert meta["settings"]["export"]["interpolation_order"] == 3
+    assert meta["settings"]["preprocessing"]["normalization_schemes"] == ["nonCT", "CT"]
+    assert meta["settings"]["preprocessing"]["intensity_properties"][1]["percentile_99_5"] == 3.2
 
 
 def test_restricted_unpickler_refuses_foreign_globals(tmp_path):
@@ -137,8 +139,9 @@ def test_parity_with_deepisles_seals(home, case, variant):
     result = member.run(case)
     ref = np.load(FIX / variant / "reference.npz")
     assert result.probability.shape == ref["probability"].shape == case.dwi.shape
-    assert float(np.abs(result.probability - ref["probability"]).max()) <= 1e-3
-    assert _dice(result.mask, ref["mask"]) >= 0.999
+    assert float(np.abs(result.probability - ref["probability"]).max()) <= 1e-3  # measured <= 2.0e-4 on CPU
+    differ = int((result.mask.astype(bool) != ref["mask"].astype(bool)).sum())
+    assert differ == 0, f"{differ} voxels differ from the reference mask"  # identical on CPU
     assert ref["mask"].sum() > 100  # the fixture's decision is not trivial
     info = member.report_info()
     assert info["mirroring"] is True and info["folds"] == ([0, 1] if variant == "main" else [0])

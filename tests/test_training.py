@@ -61,7 +61,7 @@ def test_cli_train_on_isles_layout_installs_a_member_segment_uses(dataset, tmp_p
     from deepisles.weights import store
 
     meta, folder = store.read_member("seals", verify=True)
-    assert meta["folds"] == [1] and meta["origin"]["kind"] == "trained"
+    assert [m["fold"] for m in meta["models"]] == [1] and meta["origin"]["kind"] == "trained"
     assert meta["origin"]["data"] == str(dataset.resolve())
     trained = load_file(str(out / "fold_1" / "fold_1.safetensors"))
     installed = load_file(str(folder / "fold_1.safetensors"))
@@ -170,7 +170,7 @@ def test_synthetic_training_each_member_writes_a_store_member(tmp_path):
         assert summary["data"] == "synthetic" and summary["val_cases"] == 1
         meta, folder = store.read_member_folder(Path(summary["member_folder"]), verify=True)
         assert [m["arch"] for m in meta["models"]] == ["resunet"]
-        loaded = FactorizerMember(meta, folder)
+        loaded = FactorizerMember.from_folder(folder)
         assert len(loaded.models) == 1
 
 
@@ -193,26 +193,25 @@ def test_finetune_from_official_format_weights(tmp_path):
     moved = [k for k in start if not torch.equal(start[k], tuned[k])]
     assert moved and max(float((start[k] - tuned[k]).abs().max()) for k in moved) < 0.05  # small lr: close
     meta, _ = store.read_member_folder(Path(summary["member_folder"]))
-    assert meta["network"] == official_meta["network"] and meta["preprocessing"] == official_meta["preprocessing"]
+    assert meta["network"] == official_meta["network"] and meta["settings"] == official_meta["settings"]
     assert meta["origin"]["init"] == "official"
 
     cfg = _small(member="nvauto", out=tmp_path / "ftnv", init="official", iterations=2, val_every=0,
                  checkpoint_every=2, patch=[32, 32, 32])  # fmt: skip
     summary = train(cfg, progress=False)
     assert summary["weights"].endswith("model0.safetensors")
-    from deepisles.members.nvauto import NvautoMember, load_model
+    from deepisles.members.nvauto import NvautoMember
     from deepisles.weights.import_nvauto import read_model
 
     meta, folder = store.read_member_folder(Path(summary["member_folder"]))
-    assert meta["models"] == ["model0.safetensors"]
+    assert [m["file"] for m in meta["models"]] == ["model0.safetensors"]
     assert meta["network"] == store.read_member("nvauto")[0]["network"]  # the imported official SegResNet
     tuned = load_file(summary["weights"])
     _, ref = read_model(OFFICIAL / "nvauto" / "weights" / "NVAUTO" / "ts" / "model0.ts")  # restricted reader
     assert set(tuned) == set(ref)
     diffs = [float((ref[k] - tuned[k]).abs().max()) for k in ref]
     assert max(diffs) > 0
-    net = load_model(folder, "model0.safetensors", meta, torch.device("cpu"))
-    assert NvautoMember([net], meta["config"]).models
+    assert NvautoMember.from_folder(folder).models
 
 
 def test_compact_recipes_fit_the_size_budget():
@@ -222,7 +221,7 @@ def test_compact_recipes_fit_the_size_budget():
         total += sum(p.numel() for p in t.network.parameters()) * 4
         assert t.train_patch == [64, 64, 64]
     assert total <= 20 * 1024 * 1024
-    assert compact_meta("seals")["preprocessing"]["target_spacing"] == [2.0, 2.0, 2.0]
+    assert compact_meta("seals")["settings"]["preprocessing"]["target_spacing"] == [2.0, 2.0, 2.0]
 
 
 def test_ddp_two_processes_on_cpu_gloo(tmp_path):

@@ -168,7 +168,7 @@ def test_import_and_segment_never_run_the_archives_code(home, tmp_path, jit_load
     assert res.exit_code == 0, res.output
     assert not marker.exists()
     meta, dest = store.read_member("nvauto", verify=True)
-    assert meta["models"] == ["model0.safetensors"] and not list(dest.glob("*.ts"))
+    assert [m["file"] for m in meta["models"]] == ["model0.safetensors"] and not list(dest.glob("*.ts"))
     assert meta["network"]["kwargs"]["init_filters"] == 2 and "marker" not in json.dumps(meta["network"])
     stored = load_file(str(dest / "model0.safetensors"))
     original = module_tensors(read_torchscript(folder / "weights" / "NVAUTO" / "ts" / "model0.ts").root)

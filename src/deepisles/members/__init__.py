@@ -1,25 +1,24 @@
-"""Ensemble members behind one interface (see base.py); the registry of known members lives here."""
+"""Ensemble members behind one contract (base.py), listed once (registry.py); choosing and caching them here."""
 
 from __future__ import annotations
 
-import importlib
-
 from deepisles.errors import DeepIslesError
+from deepisles.members import registry
 from deepisles.members.base import Case, Member, MemberResult, MemberUnavailable
 from deepisles.members.classical import ClassicalMember
 
 __all__ = [
     "Case", "Member", "MemberResult", "MemberUnavailable", "ClassicalMember", "check_member_spec", "resolve_members",
-    "clear_cache",
-]
+    "clear_cache", "DEEP_MEMBERS", "KNOWN_MEMBERS",
+]  # fmt: skip
 
-# Every member deepisles knows, by CLI name, and where its runtime lives.
-DEEP_MEMBERS = {
-    "seals": ("deepisles.members.seals", "SealsMember"),
-    "nvauto": ("deepisles.members.nvauto", "NvautoMember"),
-    "factorizer": ("deepisles.members.factorizer", "FactorizerMember"),
-}
-KNOWN_MEMBERS = ("classical", *DEEP_MEMBERS)
+
+
+def __getattr__(name: str):  # KNOWN_MEMBERS, DEEP_MEMBERS: the registry's lists, read when asked
+    if name in ("KNOWN_MEMBERS", "DEEP_MEMBERS"):
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Loaded members, reused across cases (a cohort or a long-lived process loads each network once).
 _CACHE: dict[tuple[str, str, bool], Member] = {}
@@ -30,25 +29,30 @@ def clear_cache() -> None:
 
 
 def _build(name: str, device: str, fast: bool) -> Member:
-    if name == "classical":
-        return ClassicalMember()
+    spec = registry.spec(name)
+    if not spec.stored:
+        return spec.runtime_class()()
     key = (name, device, fast)
     if key not in _CACHE:
-        module, cls = DEEP_MEMBERS[name]
-        _CACHE[key] = getattr(importlib.import_module(module), cls).from_store(device=device, fast=fast)
+        _CACHE[key] = spec.runtime_class().from_store(device=device, fast=fast)
     return _CACHE[key]
+
+
+def _is_auto(spec: str | list[str] | None) -> bool:
+    return spec is None or spec == "auto" or spec == ["auto"]
 
 
 def check_member_spec(spec: str | list[str] | None) -> list[str]:
     """The member names ``--members`` asks for (``auto``: every deep member), checked without loading anything."""
-    if spec is None or spec == "auto" or spec == ["auto"]:
-        return list(DEEP_MEMBERS)
+    if _is_auto(spec):
+        return list(registry.deep_members())
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
-    unknown = [n for n in names if n not in KNOWN_MEMBERS]
+    known = registry.known_members()
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise DeepIslesError(
-            f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_MEMBERS)}"
+            f"unknown member(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}"
         )
     return names
 
@@ -62,7 +66,7 @@ def resolve_members(
     default models (trained on synthetic data); when those are absent too, the classical member alone (and the
     skipped members say why). A named member uses its installed weights, else its default model.
     """
-    auto = spec is None or spec == "auto" or spec == ["auto"]
+    auto = _is_auto(spec)
     names = check_member_spec(spec)
     members, skipped = [], []
     if auto:

@@ -34,50 +34,110 @@ Deviations, on purpose:
   member receives the FLAIR on the DWI grid. The brain mask of the case is not used (DeepISLES gives the
   networks the images it was given, skull-stripped or not).
 
-``predict`` returns ``sigmoid(mean logit)`` on the DWI grid (the blended scaled logit divided by the mean
-ensemble weight), nudged by one ulp where needed so that ``>= 0.5`` is exactly the reference decision
-``scaled logit >= 0``.
+The member contract's stages: ``preprocess`` = steps 1-3 (:func:`network_input`; its inverse, step 5, is
+:func:`from_network_grid` right after it), ``infer`` = step 4, ``export`` = steps 5-6. The result is
+``sigmoid(mean logit)`` on the DWI grid (the blended scaled logit divided by the mean ensemble weight), nudged
+by one ulp where needed so that ``>= 0.5`` is exactly the reference decision ``scaled logit >= 0``.
 
 ``fast=True`` (no counterpart in DeepISLES, whose fast mode skips FACTORIZER) runs only the architectures
-listed as ``fast_archs`` in ``member.json`` (by default the 5 Res-U-Nets, about 5x cheaper than the Swin
-Factorizers); its decision is then not the reference one.
+listed as ``settings.fast_archs`` in ``member.json`` (by default the 5 Res-U-Nets, about 5x cheaper than the
+Swin Factorizers); its decision is then not the reference one.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from deepisles.engine.sliding_window import constant, monai_starts, pad_to_patch, sliding_window
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member, weights_origin
+from deepisles.members.base import Case, Context, MemberResult, StoredMember, match_decision
+from deepisles.members.config import ConfigError, ModelEntry, Settings, check_sizes, require
 
 log = logging.getLogger(__name__)
 
 NAME = "factorizer"
 
-# The reference configuration (DeepISLES src/FACTORIZER/predict.py); the importer stores it in member.json.
-DEFAULT_CONFIG: dict = {
+ARCHS = ("resunet", "swin-factorizer")
+REFERENCE_INPUTS = ("dwi", "adc", "flair")  # the official models' channel order
+
+
+# --- settings (member.json "settings"); the defaults are the reference (DeepISLES src/FACTORIZER/predict.py) ---
+@dataclass(frozen=True)
+class FactorizerNormalize:
+    nonzero: bool = True
+    channel_wise: bool = True
+
+    def validate(self, where: str) -> None:
+        require(self.nonzero and self.channel_wise, where, "only nonzero, channel-wise z-scores are supported")
+
+
+@dataclass(frozen=True)
+class FactorizerResize:
+    mode: str = "trilinear"
+    align_corners: bool = False
+
+    def validate(self, where: str) -> None:
+        require(self.mode == "trilinear", f"{where}.mode", f"only trilinear is supported, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class FactorizerSettings(Settings):
+    normalize: FactorizerNormalize = FactorizerNormalize()
+    spacing: tuple[float, ...] = (2.0, 2.0, 2.0)  # the networks' grid (a resize of the array, see step 3)
+    resize: FactorizerResize = FactorizerResize()
+    roi_size: tuple[int, ...] = (64, 64, 64)
+    overlap: float = 0.5
+    blend_mode: str = "constant"
+    sw_batch_size: int = 1  # the reference's; deepisles batches windows by the member's batch_size
+    pad_value: float = 0.0
+    ensemble_weight: float = 0.1  # per model unless the model entry says otherwise
+    threshold_logit: float = 0.0
+    fast_archs: tuple[str, ...] = ("resunet",)  # the architectures --fast runs
+    amp: bool = True  # fp16 autocast on CUDA
+
+    V1_KEYS = ("normalize", "spacing", "resize", "roi_size", "overlap", "blend_mode", "sw_batch_size", "pad_value",
+               "ensemble_weight", "threshold_logit", "fast_archs", "amp")
+
+    def validate(self, where: str) -> None:
+        check_sizes(self.spacing, f"{where}.spacing")
+        check_sizes(self.roi_size, f"{where}.roi_size")
+        require(0 <= self.overlap < 1, f"{where}.overlap", f"expected a value in [0, 1), got {self.overlap}")
+        require(self.blend_mode == "constant", f"{where}.blend_mode",
+                f"only constant is supported, got {self.blend_mode!r}")
+        require(self.ensemble_weight > 0, f"{where}.ensemble_weight", f"expected > 0, got {self.ensemble_weight}")
+        bad = [a for a in self.fast_archs if a not in ARCHS]
+        require(not bad, f"{where}.fast_archs", f"unknown architecture(s) {bad}; expected {', '.join(ARCHS)}")
+
+
+# The compact default recipe (deepisles train --init none, the packaged default model): a Res-U-Net with widths
+# 8..128, 64^3 windows at 2 mm, one model (ensemble weight 1).
+_CONV = {"ref": "torch.nn.modules.conv.Conv3d"}
+COMPACT_RECIPE = {
     "inputs": ["dwi", "adc", "flair"],
-    "normalize": {"nonzero": True, "channel_wise": True},
-    "spacing": [2.0, 2.0, 2.0],
-    "resize": {"mode": "trilinear", "align_corners": False},
-    "roi_size": [64, 64, 64],
-    "overlap": 0.5,
-    "blend_mode": "constant",
-    "sw_batch_size": 1,
-    "pad_value": 0.0,
-    "ensemble_weight": 0.1,
-    "threshold_logit": 0.0,
-    "fast_archs": ["resunet"],
-    "amp": True,
-}
+    "settings": {"roi_size": [64, 64, 64], "overlap": 0.5, "ensemble_weight": 1.0},
+    "models": [],
+    "network": {"partial": {"ref": "factorizer.unet.UNet"}, "args": [], "kwargs": {
+        "in_channels": 3, "out_channels": 1, "spatial_dims": 3,
+        "encoder_depth": [1, 1, 1, 1, 1], "encoder_width": [8, 16, 32, 64, 128], "strides": [1, 2, 2, 2, 2],
+        "decoder_depth": [1, 1, 1, 1],
+        "stem": [_CONV, {"kernel_size": 3, "padding": 1, "bias": False}],
+        "downsample": [_CONV, {"kernel_size": 2, "bias": False}],
+        "upsample": [{"ref": "torch.nn.modules.conv.ConvTranspose3d"}, {"kernel_size": 2}],
+        "head": [_CONV, {"kernel_size": 1}], "num_deep_supr": 1,
+        "block": {"object": "factorizer.unet.Same", "state": {"block": [
+            {"ref": "factorizer.unet.BasicBlock"},
+            {"conv": [_CONV, {"kernel_size": 3, "padding": 1}],
+             "norm": [{"ref": "torch.nn.modules.normalization.GroupNorm"}, [8]],
+             "act": {"ref": "torch.nn.modules.activation.LeakyReLU"}}]}},
+    }},
+}  # fmt: skip
 
 
 # --- preprocessing (factorizer 0.0.1 + MONAI 0.9.0) ------------------------------------------------------
@@ -132,23 +192,23 @@ def _on_dwi_grid(img: Image, dwi: Image, role: str) -> np.ndarray:
     return np.asarray(resample_to(img, dwi, order=1, fill=0.0).data, dtype=np.float32)
 
 
-def network_input(config: dict, case: Case, label: np.ndarray | None = None):
-    """The networks' input, shared by inference and training: [DWI, ADC, FLAIR] on the DWI grid, z-scored on
-    their non-zero voxels at native resolution, resized to ``spacing`` (``F.interpolate``).
+def network_input(settings: FactorizerSettings, inputs: Sequence[str], case: Case,
+                  label: np.ndarray | None = None):  # fmt: skip
+    """Steps 1-3: [DWI, ADC, FLAIR] on the DWI grid, z-scored on their non-zero voxels at native resolution,
+    resized to ``spacing`` (``F.interpolate``).
 
     Returns ``(x (C, *S) float32 tensor, label (*S) uint8 or None, resized shape or None)``; ``label`` (on the
     DWI grid) is resized with the same call and thresholded at 0.5.
     """
-    cfg = {**DEFAULT_CONFIG, **config}
     dwi = case.dwi
     chans = []
-    for role in cfg["inputs"]:
+    for role in inputs:
         img = case.modality(role)
         chans.append(np.asarray(dwi.data, dtype=np.float32) if role == "dwi" else _on_dwi_grid(img, dwi, role.upper()))
     stack = normalize_nonzero(np.ascontiguousarray(np.stack(chans)))
     x = torch.from_numpy(stack)[None]
-    new = resized_shape(tuple(dwi.shape[:3]), dwi.spacing, cfg["spacing"])
-    mode, align = cfg["resize"]["mode"], cfg["resize"]["align_corners"]
+    new = resized_shape(tuple(dwi.shape[:3]), dwi.spacing, settings.spacing)
+    mode, align = settings.resize.mode, settings.resize.align_corners
     if new is not None:
         x = F.interpolate(x, size=new, mode=mode, align_corners=align)
     lab = None
@@ -160,8 +220,25 @@ def network_input(config: dict, case: Case, label: np.ndarray | None = None):
     return x[0], lab, new
 
 
-class FactorizerMember(Member):
+def from_network_grid(out: torch.Tensor, shape, resized, settings: FactorizerSettings) -> np.ndarray:
+    """Step 5, the inverse of :func:`network_input`'s resize: the blended map (1, *S) resized back to the DWI
+    ``shape`` with the same ``F.interpolate`` call (nothing to do when the input was not resized)."""
+    out = out[None]
+    if resized is not None:
+        out = F.interpolate(out, size=tuple(shape), mode=settings.resize.mode,
+                            align_corners=settings.resize.align_corners)
+    return out[0, 0].float().cpu().numpy()
+
+
+@dataclass
+class FactorizerContext(Context):
+    resized: tuple[int, ...] | None = None  # the networks' grid when the input was resized
+
+
+class FactorizerMember(StoredMember):
     name = NAME
+    settings_cls = FactorizerSettings
+    archs = ARCHS
     modalities = ("dwi", "adc", "flair")
     required = ("dwi", "adc", "flair")
     description = (
@@ -169,69 +246,68 @@ class FactorizerMember(Member):
         "64^3 sliding windows; networks in eval mode (DeepISLES leaves dropout on)"
     )
 
-    def __init__(self, meta: dict, folder: Path | None, device: str = "cpu", fast: bool = False,
-                 batch_size: int | None = None, amp: bool | None = None,
-                 networks: list[torch.nn.Module] | None = None):  # fmt: skip
-        """``meta`` is the member.json; the networks are read from ``folder``, or given as ``networks`` (one per
-        entry of ``meta["models"]``, e.g. while training)."""
-        from deepisles.members.nets.factorizer_nets import UnsupportedConfig, build_network
-
-        self.config = {**DEFAULT_CONFIG, **{k: v for k, v in meta.items() if k in DEFAULT_CONFIG}}
-        self.device = torch.device(device)
-        self.fast = bool(fast)
-        self.amp = bool(self.config["amp"] if amp is None else amp) and self.device.type == "cuda"
+    def __init__(self, config, networks: list[torch.nn.Module], device: str = "cpu", fast: bool = False,
+                 batch_size: int | None = None, amp: bool | None = None):  # fmt: skip
+        super().__init__(config, networks, device, fast)
+        self.amp = bool(self.settings.amp if amp is None else amp) and self.device.type == "cuda"
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 2)
-        entries = list(meta.get("models", []))
-        if self.fast:
-            entries = [m for m in entries if m.get("arch") in self.config["fast_archs"]]
-        if not entries:
-            raise MemberUnavailable(NAME, "member.json lists no models; re-import the weights")
-        self.models, self.model_names = [], []
-        if networks is not None:
-            self.models = [net.to(self.device) for net in networks]
-            self.model_names = [m.get("name", m["file"]) for m in entries]
-            entries = entries[: len(self.models)]
-        for m in entries if networks is None else []:
-            try:
-                net = build_network(m["network"])
-            except UnsupportedConfig as exc:
-                raise MemberUnavailable(NAME, f"{m.get('name')}: unsupported configuration ({exc})") from None
-            net.load_state_dict(load_file(str(Path(folder) / m["file"])), strict=True)
-            net.eval().requires_grad_(False).to(self.device)
-            self.models.append(net)
-            self.model_names.append(m.get("name", m["file"]))
+        self.model_names = [m.name for m in config.models]
         # DeepISLES: Ensemble(weights=[0.1] * 10, reduction=torch.mean) -> mean_i(w_i * logit_i)
-        self.weights = [float(m.get("ensemble_weight", self.config["ensemble_weight"])) for m in entries]
+        self.weights = [float(self.settings.ensemble_weight if m.ensemble_weight is None else m.ensemble_weight)
+                        for m in config.models]  # fmt: skip
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return self.networks
+
+    @property
+    def window(self) -> list[int]:
+        return [int(r) for r in self.settings.roi_size]
+
+    @property
+    def out_channels(self) -> int:
+        return 1
 
     @classmethod
-    def from_store(cls, device: str = "cpu", fast: bool = False, **kwargs) -> FactorizerMember:
-        meta, folder = read_stored_member(NAME)
-        member = cls(meta, folder, device=device, fast=fast, **kwargs)
-        member.weights_origin = weights_origin(meta)
-        return member
+    def build_network(cls, config, entry: ModelEntry) -> torch.nn.Module:
+        from deepisles.members.nets.factorizer_nets import UnsupportedConfig, build_network
 
-    # --- inference -------------------------------------------------------------------------------
+        try:
+            return build_network(config.network_of(entry))
+        except UnsupportedConfig as exc:
+            raise ConfigError(f"{entry.name}: unsupported configuration ({exc})") from None
+
+    @classmethod
+    def model_entry(cls, fold: int, arch: str | None = None) -> ModelEntry:
+        arch = arch or ARCHS[0]
+        return ModelEntry(file=f"fold{fold}_{arch}.safetensors", name=f"fold{fold}_{arch}", fold=fold, arch=arch)
+
+    @classmethod
+    def models_to_run(cls, config, fast: bool) -> tuple[ModelEntry, ...]:
+        if not fast:
+            return config.models
+        return tuple(m for m in config.models if m.arch in config.settings.fast_archs)
+
+    # -- stage 1 ------------------------------------------------------------------------------------------
+    def preprocess(self, case: Case, label: np.ndarray | None = None) -> tuple[torch.Tensor, FactorizerContext]:
+        x, lab, new = network_input(self.settings, self.config.inputs, case, label)
+        return x, FactorizerContext(tuple(case.dwi.shape), lab, resized=new)
+
+    # -- stage 2: the ensemble's scaled logit on the networks' grid -----------------------------------------
     def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
         """``ft.Ensemble.forward``: mean over the models of ``weight * logit`` (float32)."""
         acc = None
-        for w, net in zip(self.weights, self.models, strict=True):
+        for w, net in zip(self.weights, self.networks, strict=True):
             out = w * net(x).float()
             acc = out if acc is None else acc + out
-        return acc / len(self.models)
+        return acc / len(self.networks)
 
-    def scaled_logit(self, case: Case) -> np.ndarray:
-        """The reference's ensemble output on the DWI grid: ``mean_i(w_i * logit_i)`` (float32)."""
-        self.check_inputs(case)
-        x, _, new = network_input(self.config, case)
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """``mean_i(w_i * logit_i)`` blended over the windows: (1, *S) float32 on the device."""
         x = x[None].to(self.device)
-        shape = tuple(case.dwi.shape[:3])
-        mode, align = self.config["resize"]["mode"], self.config["resize"]["align_corners"]
-        roi = [int(r) for r in self.config["roi_size"]]
-        padded, crop = pad_to_patch(x[0], roi, value=float(self.config["pad_value"]))
-        starts = [
-            monai_starts(s, p, float(self.config["overlap"]))
-            for s, p in zip(padded.shape[1:], roi, strict=True)
-        ]
+        roi = self.window
+        padded, crop = pad_to_patch(x[0], roi, value=float(self.settings.pad_value))
+        starts = [monai_starts(s, p, float(self.settings.overlap)) for s, p in zip(padded.shape[1:], roi, strict=True)]
         with _no_tf32(self.device.type == "cuda" and not self.amp):
             out = sliding_window(
                 padded,
@@ -244,20 +320,14 @@ class FactorizerMember(Member):
                 device=self.device,
                 amp=self.amp,
             )
-        out = out[crop][None]
-        if new is not None:
-            out = F.interpolate(out, size=shape, mode=mode, align_corners=align)
-        return out[0, 0].float().cpu().numpy()
+        return out[crop]
 
-    def predict(self, case: Case) -> np.ndarray:
-        scaled = self.scaled_logit(case)
+    # -- stage 3: back on the DWI grid, sigmoid of the mean logit, the reference's decision --------------------
+    def export(self, scaled: torch.Tensor, context: FactorizerContext) -> MemberResult:
+        scaled = from_network_grid(scaled, context.shape, context.resized, self.settings)
         logit = scaled / np.float32(np.mean(self.weights))
         prob = (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32)
-        below = np.float32(np.nextafter(np.float32(0.5), np.float32(0.0)))
-        positive = scaled >= self.config["threshold_logit"]
-        prob[~positive & (prob >= 0.5)] = below
-        prob[positive & (prob < 0.5)] = np.float32(0.5)
-        return prob
+        return self.result(match_decision(prob, scaled >= self.settings.threshold_logit), context)
 
     def report_info(self) -> dict:
         return {

@@ -19,12 +19,14 @@ The reference is DeepISLES ``src/NVAUTO/process.py`` on MONAI 0.9.0. Per case it
    grid (same rules, target spacing = the column norms of the DWI affine, shape = the DWI shape);
 6. mean over the models, argmax.
 
-``predict`` follows the same order of operations (each model's softmax inverted, summed in float32, divided
-by the number of models) and returns the mean foreground probability on the DWI grid, nudged by at most a
-few ulps where needed so that ``>= 0.5`` is exactly the reference argmax (ties go to background).
+The member contract's stages: ``preprocess`` = steps 1-3 (:func:`network_input`; its inverse, step 5, is
+:func:`from_1mm` right after it), ``infer`` = step 4 and each model's softmax, ``export`` = steps 5-6 in the
+reference's order of operations (each model's softmax inverted, summed in float32, divided by the number of
+models). The result is the mean foreground probability on the DWI grid, nudged by at most a few ulps where
+needed so that ``>= 0.5`` is exactly the reference argmax (ties go to background).
 
 ``fast=True`` (no counterpart in DeepISLES, which skips NVAUTO in its fast mode) runs the subset of models
-listed as ``fast_models`` in ``member.json`` (by default 5 of the 15: models 0, 3, 6, 9, 12).
+listed as ``settings.fast_models`` in ``member.json`` (by default 5 of the 15: models 0, 3, 6, 9, 12).
 
 The networks are deepisles' own: a MONAI ``SegResNet`` built from the ``network`` entry of ``member.json``
 (``{"class": "SegResNet", "kwargs": {...}}``) with its tensors from ``model{i}.safetensors``. DeepISLES ships
@@ -38,37 +40,109 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from deepisles.engine.sliding_window import monai09_gaussian, monai_starts, pad_to_patch, sliding_window
-from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member, weights_origin
+from deepisles.members.base import (
+    Case,
+    Context,
+    MemberResult,
+    MemberUnavailable,
+    StoredMember,
+    match_decision,
+)
+from deepisles.members.config import ModelEntry, Settings, check_sizes, require
 
 log = logging.getLogger(__name__)
 
 NAME = "nvauto"
 AFFINE_TOL = 1e-3  # monai.data.utils.AFFINE_TOL (0.9.0)
 
-# The reference configuration (DeepISLES src/NVAUTO/process.py); the importer stores it in member.json.
-DEFAULT_CONFIG: dict = {
+
+# --- settings (member.json "settings"); the defaults are the reference (DeepISLES src/NVAUTO/process.py) -----
+@dataclass(frozen=True)
+class NvautoResample:
+    mode: str = "bilinear"
+    padding_mode: str = "border"
+    align_corners: bool = False
+    monai: str = "0.9.0"  # whose Spacing is reproduced (informative)
+
+    def validate(self, where: str) -> None:
+        require(self.mode in ("bilinear", "nearest"), f"{where}.mode",
+                f"expected bilinear or nearest, got {self.mode!r}")
+        require(self.padding_mode in ("zeros", "border", "reflection"), f"{where}.padding_mode",
+                f"expected zeros, border or reflection, got {self.padding_mode!r}")
+        require(not self.align_corners, f"{where}.align_corners", "only false (MONAI 0.9.0's default) is supported")
+
+
+@dataclass(frozen=True)
+class NvautoNormalize:
+    nonzero: bool = True  # z-score of the non-zero voxels (false: no normalisation)
+    channel_wise: bool = True
+
+    def validate(self, where: str) -> None:
+        require(self.channel_wise, f"{where}.channel_wise", "only true (per-channel statistics) is supported")
+
+
+@dataclass(frozen=True)
+class NvautoSettings(Settings):
+    pixdim: tuple[float, ...] = (1.0, 1.0, 1.0)
+    resample: NvautoResample = NvautoResample()
+    normalize: NvautoNormalize = NvautoNormalize()
+    roi_size: tuple[int, ...] = (192, 192, 128)
+    overlap: float = 0.625
+    blend_mode: str = "gaussian"
+    sigma_scale: float = 0.125
+    sw_batch_size: int = 2
+    pad_value: float = 0.0
+    amp: bool = True  # fp16 autocast on CUDA
+    out_channels: int = 2
+    foreground_channel: int = 1
+    fast_models: tuple[int, ...] = (0, 3, 6, 9, 12)  # the models --fast runs (indices into "models")
+
+    def validate(self, where: str) -> None:
+        check_sizes(self.pixdim, f"{where}.pixdim")
+        check_sizes(self.roi_size, f"{where}.roi_size")
+        require(0 <= self.overlap < 1, f"{where}.overlap", f"expected a value in [0, 1), got {self.overlap}")
+        require(self.blend_mode == "gaussian", f"{where}.blend_mode",
+                f"only gaussian is supported, got {self.blend_mode!r}")
+        require(self.sigma_scale > 0 and self.sw_batch_size >= 1, where, "sigma_scale must be > 0, sw_batch_size >= 1")
+        require(0 <= self.foreground_channel < self.out_channels, f"{where}.foreground_channel",
+                f"expected a channel below out_channels ({self.out_channels}), got {self.foreground_channel}")
+
+    @classmethod
+    def migrate_v1(cls, meta: dict) -> dict:
+        """Format 1 kept the settings (and a copy of the inputs) in a ``config`` block."""
+        out = super().migrate_v1(meta)
+        block = dict(out["provenance"].pop("config", None) or {})
+        out.setdefault("inputs", block.get("inputs"))
+        block.pop("inputs", None)
+        out["settings"] = block
+        return out
+
+
+REFERENCE_INPUTS = ("adc", "dwi")  # the official models' channel order
+
+# The reference configuration as format 1 stored it (its "config" block, inputs included).
+DEFAULT_CONFIG: dict = {"inputs": list(REFERENCE_INPUTS), **NvautoSettings().to_json()}
+
+# The compact default recipe (deepisles train --init none, the packaged default model): a SegResNet with 8
+# initial filters at 2 mm, 64^3 windows.
+COMPACT_RECIPE = {
     "inputs": ["adc", "dwi"],
-    "pixdim": [1.0, 1.0, 1.0],
-    "resample": {"mode": "bilinear", "padding_mode": "border", "align_corners": False, "monai": "0.9.0"},
-    "normalize": {"nonzero": True, "channel_wise": True},
-    "roi_size": [192, 192, 128],
-    "overlap": 0.625,
-    "blend_mode": "gaussian",
-    "sigma_scale": 0.125,
-    "sw_batch_size": 2,
-    "pad_value": 0.0,
-    "amp": True,
-    "out_channels": 2,
-    "foreground_channel": 1,
-    "fast_models": [0, 3, 6, 9, 12],
-}
+    "network": {"class": "SegResNet", "kwargs": {
+        "spatial_dims": 3, "in_channels": 2, "out_channels": 2, "init_filters": 8,
+        "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": None,
+    }},
+    "settings": {"pixdim": [2.0, 2.0, 2.0], "roi_size": [64, 64, 64], "overlap": 0.5, "sw_batch_size": 2,
+                 "fast_models": [0]},
+    "models": [],
+    "provenance": {"architecture": "MONAI SegResNet"},
+}  # fmt: skip
 
 
 # --- MONAI 0.9.0 Spacing ------------------------------------------------------------------------
@@ -190,36 +264,20 @@ def normalize_nonzero(img: torch.Tensor) -> torch.Tensor:
     return img
 
 
-def decision_consistent(prob: torch.Tensor, decision: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``prob`` (float32) nudged by at most a few ulps so that ``prob >= threshold`` equals ``decision``.
-
-    The reference decides by argmax over the averaged softmax channels; where the two channels tie (two
-    models confidently disagreeing give exactly 0.5 and 0.5) or where the foreground probability sits on
-    the threshold while the channels' rounding says otherwise, the threshold alone would disagree.
-    """
-    prob = prob.float().clone()
-    t = torch.tensor(threshold, dtype=torch.float32, device=prob.device)
-    below = torch.nextafter(t, torch.tensor(0.0, device=prob.device))
-    prob[decision & (prob < t)] = t
-    prob[~decision & (prob >= t)] = below
-    return prob
-
-
-def network_input(config: dict, case: Case, label: np.ndarray | None = None):
-    """The networks' input grid, shared by inference and training: the ``inputs`` channels resampled to
-    ``pixdim`` (MONAI 0.9.0 ``Spacing``) and z-scored on their non-zero voxels.
+def network_input(settings: NvautoSettings, inputs: Sequence[str], case: Case, label: np.ndarray | None = None):
+    """Steps 1-3: the ``inputs`` channels resampled to ``pixdim`` (MONAI 0.9.0 ``Spacing``) and z-scored on
+    their non-zero voxels.
 
     Returns ``(image (C, *S1) float32, label (*S1) uint8 or None, target affine float64, native affine)``;
     ``label`` (on the DWI grid) goes through the same resampling and is thresholded at 0.5.
     """
-    cfg = {**DEFAULT_CONFIG, **config}
-    chans = [np.asarray(case.modality(m).data, dtype=np.float32) for m in cfg["inputs"]]
+    chans = [np.asarray(case.modality(m).data, dtype=np.float32) for m in inputs]
     img = torch.from_numpy(np.stack(chans, 0))
     affine = np.asarray(case.dwi.affine, dtype=np.float64)
-    target, shape1 = spacing_target(img.shape[1:], affine, cfg["pixdim"])
-    rs = cfg["resample"]
-    img1 = resample(img, affine, target, shape1, mode=rs["mode"], padding_mode=rs["padding_mode"])
-    if cfg["normalize"].get("nonzero", True):
+    target, shape1 = spacing_target(img.shape[1:], affine, settings.pixdim)
+    rs = settings.resample
+    img1 = resample(img, affine, target, shape1, mode=rs.mode, padding_mode=rs.padding_mode)
+    if settings.normalize.nonzero:
         img1 = normalize_nonzero(img1)
     lab1 = None
     if label is not None:
@@ -227,6 +285,15 @@ def network_input(config: dict, case: Case, label: np.ndarray | None = None):
         lab1 = (resample(lab, affine, target, shape1, mode="bilinear", padding_mode="zeros")[0] >= 0.5)
         lab1 = lab1.numpy().astype(np.uint8)
     return img1, lab1, target, affine
+
+
+def from_1mm(probs: torch.Tensor, affine1: np.ndarray, native_affine: np.ndarray, shape, rs: NvautoResample):
+    """Step 5, the inverse of :func:`network_input`'s resampling (``Invertd``): ``Spacing`` back to the DWI's
+    column norms, from the (float32) 1 mm affine, onto the DWI shape. ``probs`` is (C, *S1)."""
+    back, _ = spacing_target(probs.shape[1:], affine1.astype(np.float64), affine_to_spacing(native_affine))
+    if probs.device.type not in ("cpu", "cuda"):  # float64 grid sampling (e.g. not on MPS)
+        probs = probs.cpu()
+    return resample(probs, affine1, back, shape, mode=rs.mode, padding_mode=rs.padding_mode)
 
 
 def build_segresnet(spec: dict) -> torch.nn.Module:
@@ -243,40 +310,16 @@ def build_segresnet(spec: dict) -> torch.nn.Module:
     return SegResNet(**kw)
 
 
-def retired_torchscript_reason(folder: Path) -> str:
-    """Why a store holding TorchScript models (as older deepisles versions imported them) is not used."""
-    return (
-        f"{folder} holds NVAUTO models as TorchScript archives (.ts), written by an older deepisles; they are no "
-        "longer loaded because loading TorchScript runs code from the file. Run `deepisles weights import PATH "
-        "--members nvauto --overwrite` again to convert the official weights to safetensors"
-    )
-
-
-def load_model(folder: Path, name: str, meta: dict, device: torch.device) -> torch.nn.Module:
-    """One stored model: our ``SegResNet`` built from ``meta["network"]`` with the tensors of ``name``
-    (``.safetensors``). Anything else (an older store's ``.ts``) raises ``MemberUnavailable``."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not name.endswith(".safetensors"):
-        if name.endswith(".ts"):
-            raise MemberUnavailable(NAME, retired_torchscript_reason(folder))
-        raise MemberUnavailable(NAME, f"{folder / name}: not a safetensors file; re-import member {NAME}")
-    if not meta.get("network"):
-        raise MemberUnavailable(NAME, f"{folder}: member.json describes no network; re-import member {NAME}")
-    net = build_segresnet(meta["network"])
-    try:
-        net.load_state_dict(load_file(str(folder / name)), strict=True)
-    except RuntimeError as exc:
-        raise MemberUnavailable(
-            NAME, f"{folder / name}: tensors do not match the network in member.json ({str(exc).splitlines()[0]})"
-        ) from None
-    return net.eval().requires_grad_(False).to(device)
-
-
 # --- the member ---------------------------------------------------------------------------------
-class NvautoMember(Member):
+@dataclass
+class NvautoContext(Context):
+    affine1: np.ndarray | None = None  # the 1 mm grid's affine (float32, as MONAI 0.9.0 keeps it)
+    affine: np.ndarray | None = None  # the DWI's affine
+
+
+class NvautoMember(StoredMember):
     name = NAME
+    settings_cls = NvautoSettings
     modalities = ("adc", "dwi")  # network channel order
     required = ("dwi", "adc")
     description = (
@@ -284,102 +327,92 @@ class NvautoMember(Member):
         "z-scored, Gaussian-blended 192x192x128 sliding windows, softmax averaged on the DWI grid"
     )
 
-    def __init__(
-        self,
-        models: list[torch.nn.Module],
-        config: dict,
-        device: str | torch.device = "cpu",
-        model_names: list[str] | None = None,
-        fast: bool = False,
-        amp: bool | None = None,
-    ):
-        if not models:
-            raise ValueError("no NVAUTO models")
-        self.models = models
-        self.config = {**DEFAULT_CONFIG, **config}
-        self.device = torch.device(device)
-        self.model_names = model_names or [f"model{i}" for i in range(len(models))]
-        self.fast = fast
-        self.amp = bool(self.config["amp"]) if amp is None else amp
+    def __init__(self, config, networks: list[torch.nn.Module], device: str | torch.device = "cpu",
+                 fast: bool = False, amp: bool | None = None):  # fmt: skip
+        super().__init__(config, networks, device, fast)
+        self.model_names = [m.file for m in config.models]
+        self.amp = bool(self.settings.amp) if amp is None else amp
         self._importance: torch.Tensor | None = None
 
-    @classmethod
-    def from_store(cls, device: str = "cpu", fast: bool = False) -> NvautoMember:
-        meta, folder = read_stored_member(NAME)
-        config = {**DEFAULT_CONFIG, **meta.get("config", {})}
-        names = list(meta.get("models") or [])
-        if any(str(f).endswith(".ts") for f in [*names, *meta.get("files", {})]):
-            raise MemberUnavailable(NAME, retired_torchscript_reason(folder))  # never loaded
-        if not names:
-            raise MemberUnavailable(NAME, f"{folder}: member.json lists no models; re-import")
-        if fast:
-            chosen = [i for i in config.get("fast_models", []) if 0 <= i < len(names)] or [0]
-            names = [names[i] for i in chosen]
-        dev = torch.device(device)
-        models = [load_model(folder, n, meta, dev) for n in names]
-        member = cls(models, config, device=dev, model_names=names, fast=fast)
-        member.weights_origin = weights_origin(meta)
-        return member
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return self.networks
 
-    # -- preprocessing (CPU, as the reference's data loader) --
-    def preprocess(self, case: Case) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """[ADC, DWI] on the 1 mm grid, z-scored: (image (C, *S1) float32 on CPU, 1 mm affine float32,
-        native affine)."""
-        img1, _, target, affine = network_input(self.config, case)
-        return img1, target.astype(np.float32), affine
+    @property
+    def window(self) -> list[int]:
+        return [int(r) for r in self.settings.roi_size]
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.settings.out_channels)
+
+    @classmethod
+    def build_network(cls, config, entry: ModelEntry) -> torch.nn.Module:
+        return build_segresnet(config.network_of(entry))
+
+    @classmethod
+    def model_entry(cls, fold: int, arch: str | None = None) -> ModelEntry:
+        return ModelEntry(file=f"model{fold}.safetensors", name=f"model{fold}", fold=fold)
+
+    @classmethod
+    def models_to_run(cls, config, fast: bool) -> tuple[ModelEntry, ...]:
+        models = config.models
+        if fast and models:
+            chosen = [i for i in config.settings.fast_models if 0 <= i < len(models)] or [0]
+            models = tuple(models[i] for i in chosen)
+        return models
+
+    # -- stage 1 (CPU, as the reference's data loader) -----------------------------------------------------
+    def preprocess(self, case: Case, label: np.ndarray | None = None) -> tuple[torch.Tensor, NvautoContext]:
+        """[ADC, DWI] on the 1 mm grid, z-scored (C, *S1) float32 on CPU; the context keeps both affines."""
+        img1, lab1, target, affine = network_input(self.settings, self.config.inputs, case, label)
+        return img1, NvautoContext(tuple(case.dwi.shape), lab1, affine1=target.astype(np.float32), affine=affine)
 
     def importance(self) -> torch.Tensor:
         if self._importance is None:
-            self._importance = monai09_gaussian(self.config["roi_size"], self.config["sigma_scale"])
+            self._importance = monai09_gaussian(self.settings.roi_size, self.settings.sigma_scale)
         return self._importance
 
+    # -- stage 2: each model's softmax on the 1 mm grid (lazily, one model at a time) ---------------------------
     @torch.inference_mode()
-    def model_probabilities(self, img1: torch.Tensor):
+    def infer(self, img1: torch.Tensor):
         """Yield each model's softmax (C, *S1) on the 1 mm grid, float32 on the device."""
-        cfg = self.config
-        roi = [int(r) for r in cfg["roi_size"]]
-        padded, unpad = pad_to_patch(img1, roi, value=float(cfg["pad_value"]))
+        cfg = self.settings
+        roi = self.window
+        padded, unpad = pad_to_patch(img1, roi, value=float(cfg.pad_value))
         padded = padded.to(self.device)
-        starts = [
-            monai_starts(s, p, float(cfg["overlap"])) for s, p in zip(padded.shape[1:], roi, strict=True)
-        ]
-        for model in self.models:
+        starts = [monai_starts(s, p, float(cfg.overlap)) for s, p in zip(padded.shape[1:], roi, strict=True)]
+        for model in self.networks:
             logits = sliding_window(
                 padded,
                 model,
                 roi,
                 starts,
                 self.importance(),
-                int(cfg["out_channels"]),
-                batch_size=int(cfg["sw_batch_size"]),
+                int(cfg.out_channels),
+                batch_size=int(cfg.sw_batch_size),
                 device=self.device,
                 amp=self.amp,
             )[unpad]
             yield torch.softmax(logits.float()[None], dim=1)[0]
 
+    # -- stage 3: each softmax back on the DWI grid, mean, argmax -------------------------------------------
     @torch.inference_mode()
-    def predict(self, case: Case) -> np.ndarray:
-        img1, affine1, affine = self.preprocess(case)
-        rs = self.config["resample"]
-        # Invertd: Spacing back to the DWI's column norms, from the (float32) 1 mm affine, onto the DWI shape
-        back, _ = spacing_target(img1.shape[1:], affine1.astype(np.float64), affine_to_spacing(affine))
-        total = 0
-        for probs in self.model_probabilities(img1):
-            if probs.device.type not in ("cpu", "cuda"):  # float64 grid sampling (e.g. not on MPS)
-                probs = probs.cpu()
-            inv = resample(
-                probs, affine1, back, case.dwi.shape, mode=rs["mode"], padding_mode=rs["padding_mode"]
-            )
+    def export(self, probabilities, context: NvautoContext) -> MemberResult:
+        total, n = 0, 0
+        for probs in probabilities:
+            inv = from_1mm(probs, context.affine1, context.affine, context.shape, self.settings.resample)
             total = total + inv  # as the reference: inverted per model, summed in float32, then divided
-        mean = total / len(self.models)
-        fg = int(self.config["foreground_channel"])
+            n += 1
+        mean = total / n
+        fg = int(self.settings.foreground_channel)
         decision = torch.argmax(mean, dim=0) == fg  # ties go to the first channel, as torch.argmax does
-        return decision_consistent(mean[fg], decision).cpu().numpy()
+        return self.result(match_decision(mean[fg].float().cpu().numpy(), decision.cpu().numpy()), context)
 
     def report_info(self) -> dict:
         return {
             **super().report_info(),
-            "models": len(self.models),
+            "models": len(self.networks),
             "fast": self.fast,
             "device": str(self.device),
             "amp": bool(self.amp and self.device.type == "cuda"),

@@ -14,9 +14,12 @@ The reference chain (DeepISLES ``src/SEALS``: ``nnunet_launcher.sh`` and the nnU
    and each channel resampled by SimpleITK (linear) to the native DWI size and spacing;
 4. ``ensemble_predictions.py``: mean over the folds, argmax; ``threshold_redirect.py`` gives it the DWI geometry.
 
-``SealsMember`` does all of this in memory, on our own torch code; ``predict`` returns the mean foreground
-probability on the DWI grid, adjusted by at most a float rounding where needed so that ``>= 0.5`` equals the
-reference argmax (which compares the two float16-rounded channels). The SimpleITK resamplings run on the same
+``SealsMember`` does all of this in memory, on our own torch code, in the three stages of the member contract:
+``preprocess`` = steps 1 and 2 (each inverse is defined next to its forward step: :func:`from_1mm` after
+:func:`to_1mm`, :func:`uncrop` after :func:`crop_to_nonzero`, :func:`export_softmax` after
+:func:`nnunet_preprocess`), ``infer`` = the sliding window per fold, ``export`` = 2b-4. The result is the mean
+foreground probability on the DWI grid, adjusted by at most a float rounding where needed so that ``>= 0.5``
+equals the reference argmax (which compares the two float16-rounded channels). The SimpleITK resamplings run on the same
 origin, direction and spacing doubles that SimpleITK reads from the DWI file (pixdim spacing, sform
 orientation): where a 1 mm sample falls exactly on a native voxel (2 mm data), whether a background voxel next
 to the brain is exactly 0 depends on their float rounding, and it moves nnU-Net's crop box.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,11 +52,115 @@ from deepisles.engine.sliding_window import (
     with_mirroring,
 )
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Member, MemberUnavailable, read_stored_member, weights_origin
+from deepisles.members.base import Case, Context, MemberResult, StoredMember, match_decision
+from deepisles.members.config import ModelEntry, Settings, check_sizes, require
 
 log = logging.getLogger(__name__)
 
 NAME = "seals"
+
+
+# --- settings (member.json "settings"): nnU-Net's plans vocabulary ------------------------------------
+@dataclass(frozen=True)
+class SealsPreprocessing:
+    """What nnU-Net v1's GenericPreprocessor takes from the plans (read by ``weights import`` from plans.pkl)."""
+
+    deepisles_spacing_mm: tuple[float, ...]  # DeepISLES' own resampling before nnU-Net (1 mm)
+    target_spacing: tuple[float, ...]
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    normalization_schemes: tuple[str, ...]  # per channel: nonCT/MRI (z-score), CT, CT2, noNorm
+    use_mask_for_norm: tuple[bool, ...]
+    intensity_properties: tuple[dict | None, ...] | None = None  # per channel (CT schemes only)
+    resample_order_data: int = 3
+    resample_order_seg: int = 1
+    separate_z_anisotropy_threshold: float = 3.0
+
+    def validate(self, where: str) -> None:
+        check_sizes(self.deepisles_spacing_mm, f"{where}.deepisles_spacing_mm")
+        check_sizes(self.target_spacing, f"{where}.target_spacing")
+        for key in ("transpose_forward", "transpose_backward"):
+            require(sorted(getattr(self, key)) == [0, 1, 2], f"{where}.{key}",
+                    f"expected a permutation of 0, 1, 2, got {list(getattr(self, key))}")
+        require(len(self.normalization_schemes) == len(self.use_mask_for_norm) == 2, where,
+                "normalization_schemes and use_mask_for_norm need one entry per channel (DWI, ADC)")
+        ct = [c for c, s in enumerate(self.normalization_schemes) if s in ("CT", "CT2")]
+        props = self.intensity_properties or ()
+        require(all(c < len(props) and isinstance(props[c], dict) for c in ct), f"{where}.intensity_properties",
+                "CT normalization needs the intensity properties of its channel")
+
+
+@dataclass(frozen=True)
+class SealsInference:
+    patch_size: tuple[int, ...]
+    step_size: float = 0.5
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    gaussian_sigma_scale: float = 0.125
+    mixed_precision: bool = True  # fp16 autocast on CUDA
+
+    def validate(self, where: str) -> None:
+        check_sizes(self.patch_size, f"{where}.patch_size")
+        require(0 < self.step_size <= 1, f"{where}.step_size", f"expected a value in (0, 1], got {self.step_size}")
+        require(all(a in (0, 1, 2) for a in self.mirror_axes), f"{where}.mirror_axes",
+                f"expected spatial axes 0, 1, 2, got {list(self.mirror_axes)}")
+
+
+@dataclass(frozen=True)
+class SealsExport:
+    """nnU-Net's ``segmentation_export_params``."""
+
+    interpolation_order: int = 1
+    interpolation_order_z: int = 0
+    force_separate_z: bool | None = None
+    softmax_dtype: str = "float16"  # nnU-Net -z stores each fold's softmax as float16
+
+    def validate(self, where: str) -> None:
+        require(self.softmax_dtype == "float16", f"{where}.softmax_dtype",
+                f"only float16 (nnU-Net's .npz) is supported, got {self.softmax_dtype!r}")
+
+
+@dataclass(frozen=True)
+class SealsSettings(Settings):
+    preprocessing: SealsPreprocessing
+    inference: SealsInference
+    export: SealsExport = SealsExport()
+
+    V1_KEYS = ("preprocessing", "inference", "export")
+
+    @classmethod
+    def migrate_v1(cls, meta: dict) -> dict:
+        """Format 1 kept the fold numbers in ``folds`` (files ``fold_K.safetensors``)."""
+        out = super().migrate_v1(meta)
+        folds = out["provenance"].pop("folds", None) or []
+        out["models"] = [SealsMember.model_entry(int(k)).to_json() for k in folds]
+        return out
+
+
+# The compact default recipe (deepisles train --init none, the packaged default model): nnU-Net's Generic_UNet
+# with 8 base features, 4 poolings, at 2 mm with 64^3 windows and no mirroring.
+COMPACT_RECIPE = {
+    "inputs": ["dwi", "adc"],
+    "network": {
+        "input_channels": 2, "base_num_features": 8, "num_classes": 2,
+        "pool_op_kernel_sizes": [[2, 2, 2]] * 4, "conv_kernel_sizes": [[3, 3, 3]] * 5,
+        "conv_per_stage": 2, "feat_map_mul_on_downscale": 2.0, "max_num_features": 128,
+        "norm_eps": 1e-5, "negative_slope": 0.01,
+    },
+    "settings": {
+        "preprocessing": {
+            "deepisles_spacing_mm": [1.0, 1.0, 1.0], "target_spacing": [2.0, 2.0, 2.0],
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "normalization_schemes": ["nonCT", "nonCT"], "use_mask_for_norm": [True, True],
+            "intensity_properties": None, "resample_order_data": 3, "resample_order_seg": 1,
+            "separate_z_anisotropy_threshold": 3.0,
+        },
+        "inference": {"patch_size": [64, 64, 64], "step_size": 0.5, "mirror_axes": [], "gaussian_sigma_scale": 0.125,
+                      "mixed_precision": True},
+        "export": {"interpolation_order": 1, "interpolation_order_z": 0, "force_separate_z": None,
+                   "softmax_dtype": "float16"},
+    },
+    "models": [],
+}  # fmt: skip
 
 
 # --- step 1: DeepISLES' 1 mm grid (SimpleITK, as Task500_Ischemic_Stroke_Test.py) ----------------------
@@ -153,6 +261,23 @@ def to_1mm(case: Case) -> tuple[np.ndarray, list[int], np.ndarray, bool]:
     return data, size, spacing, wrapped
 
 
+def label_to_1mm(label: np.ndarray, dwi: Image, size, spacing) -> np.ndarray:
+    """A DWI-grid label on the 1 mm grid (z, y, x): linear like the ADC, then ``>= 0.5``."""
+    lab_in = _sitk_image(np.asarray(label, dtype=np.float32).transpose(2, 1, 0), spacing, dwi)
+    return sitk.GetArrayFromImage(_resample(lab_in, size, [1.0, 1.0, 1.0], sitk.sitkFloat32)) >= 0.5
+
+
+def from_1mm(channels_1mm: np.ndarray, shape, spacing) -> np.ndarray:
+    """The inverse of :func:`to_1mm` as ``recover_softmax.py`` does it: each channel (z, y, x) of the 1 mm grid,
+    taken in index space (spacing 1, origin 0, identity), linearly resampled by SimpleITK to the DWI's size and
+    spacing; returned as (C, x, y, z) float32 on the DWI grid."""
+    native = []
+    for c in range(channels_1mm.shape[0]):
+        img = sitk.GetImageFromArray(channels_1mm[c])
+        native.append(sitk.GetArrayFromImage(_resample(img, shape, spacing, sitk.sitkFloat32)).transpose(2, 1, 0))
+    return np.stack(native)
+
+
 # --- step 2: nnU-Net v1 GenericPreprocessor ---------------------------------------------------------
 def crop_to_nonzero(data: np.ndarray):
     """nnU-Net ``crop_to_nonzero``: box of the hole-filled union of nonzero voxels; seg -1 outside the mask."""
@@ -168,6 +293,15 @@ def crop_to_nonzero(data: np.ndarray):
     seg[seg == 0] = -1
     seg[seg > 0] = 0
     return data, seg, bbox
+
+
+def uncrop(softmax: np.ndarray, full_shape, bbox) -> np.ndarray:
+    """The inverse of the crop (``recover_softmax.py``): the cropped softmax back into the full 1 mm grid,
+    background probability 1 outside the box."""
+    full = np.zeros((softmax.shape[0], *full_shape), dtype=np.float32)
+    full[0] = 1.0
+    full[(slice(None), *(slice(a, b) for a, b in bbox))] = softmax
+    return full
 
 
 def sk_resize(img: np.ndarray, new_shape, order: int) -> np.ndarray:
@@ -249,9 +383,9 @@ def resample_data_or_seg(data, new_shape, is_seg, axis=None, order=3, do_separat
     return result.astype(dtype_data)
 
 
-def resample_patient(data, seg, original_spacing, target_spacing, pre: dict):
+def resample_patient(data, seg, original_spacing, target_spacing, pre: SealsPreprocessing):
     """nnU-Net v1 ``resample_patient`` with GenericPreprocessor's orders (data 3, seg 1, z 0), separate z auto."""
-    thr = pre.get("separate_z_anisotropy_threshold", 3.0)
+    thr = pre.separate_z_anisotropy_threshold
     shape = np.array(data[0].shape)
     new_shape = np.round((np.array(original_spacing) / np.array(target_spacing)).astype(float) * shape).astype(int)
     if get_do_separate_z(original_spacing, thr):
@@ -262,15 +396,15 @@ def resample_patient(data, seg, original_spacing, target_spacing, pre: dict):
         do_separate_z, axis = False, None
     if axis is not None and len(axis) in (2, 3):
         do_separate_z = False
-    data = resample_data_or_seg(data, new_shape, False, axis, pre.get("resample_order_data", 3), do_separate_z, 0)
-    seg = resample_data_or_seg(seg, new_shape, True, axis, pre.get("resample_order_seg", 1), do_separate_z, 0)
+    data = resample_data_or_seg(data, new_shape, False, axis, pre.resample_order_data, do_separate_z, 0)
+    seg = resample_data_or_seg(seg, new_shape, True, axis, pre.resample_order_seg, do_separate_z, 0)
     return data, seg
 
 
-def normalize(data: np.ndarray, seg: np.ndarray, pre: dict) -> np.ndarray:
+def normalize(data: np.ndarray, seg: np.ndarray, pre: SealsPreprocessing) -> np.ndarray:
     """GenericPreprocessor.resample_and_normalize, normalization part (in place on float32 data)."""
-    schemes, use_mask = pre["normalization_schemes"], pre["use_mask_for_norm"]
-    props = pre.get("intensity_properties")
+    schemes, use_mask = pre.normalization_schemes, pre.use_mask_for_norm
+    props = pre.intensity_properties
     for c in range(len(data)):
         scheme = schemes[c]
         if scheme == "CT":
@@ -300,17 +434,17 @@ def normalize(data: np.ndarray, seg: np.ndarray, pre: dict) -> np.ndarray:
     return data
 
 
-def preprocess(data_1mm: np.ndarray, pre: dict):
+def nnunet_preprocess(data_1mm: np.ndarray, pre: SealsPreprocessing):
     """``GenericPreprocessor.preprocess_test_case`` on the 1 mm (z, y, x) arrays; returns data and properties."""
     props = OrderedDict(original_size_of_raw_data=np.array(data_1mm.shape[1:]),
-                        original_spacing=np.array(pre["deepisles_spacing_mm"], dtype=float))
+                        original_spacing=np.array(pre.deepisles_spacing_mm, dtype=float))
     data, seg, bbox = crop_to_nonzero(data_1mm)
     props["crop_bbox"] = bbox
     props["size_after_cropping"] = data[0].shape
-    tf = pre["transpose_forward"]
+    tf = list(pre.transpose_forward)
     data = data.transpose((0, *[i + 1 for i in tf]))
     seg = seg.transpose((0, *[i + 1 for i in tf]))
-    target = np.array(pre["target_spacing"], dtype=float)
+    target = np.array(pre.target_spacing, dtype=float)
     data[np.isnan(data)] = 0
     data, seg = resample_patient(data, seg, props["original_spacing"][tf], target, pre)
     props["spacing_after_resampling"] = target
@@ -318,37 +452,25 @@ def preprocess(data_1mm: np.ndarray, pre: dict):
     return data.astype(np.float32), props
 
 
-def network_input(config: dict, case: Case, label: np.ndarray | None = None, grid_1mm=None):
-    """The networks' input, shared by inference and training: DeepISLES' 1 mm grid (step 1) then nnU-Net's
-    preprocessing (step 2). Returns ``(data (C, *S) float32, label (*S) uint8 or None, properties)``.
-
-    ``label`` (on the DWI grid) follows the same geometry: linear to 1 mm like the ADC, ``>= 0.5``, cropped to
-    nnU-Net's box, transposed and resampled as nnU-Net resamples its segmentations (order 1).
-    """
-    pre = config["preprocessing"]
-    data_1mm, size, spacing, _ = grid_1mm if grid_1mm is not None else to_1mm(case)
-    if not np.any(data_1mm != 0):
-        raise ValueError("empty image: nothing to crop")
-    data, props = preprocess(data_1mm, pre)
-    if label is None:
-        return data, None, props
-    lab_in = _sitk_image(np.asarray(label, dtype=np.float32).transpose(2, 1, 0), spacing, case.dwi)
-    lab = sitk.GetArrayFromImage(_resample(lab_in, size, [1.0, 1.0, 1.0], sitk.sitkFloat32)) >= 0.5
-    lab = lab[tuple(slice(a, b) for a, b in props["crop_bbox"])].astype(np.float32)
-    lab = lab.transpose(pre["transpose_forward"])
-    if lab.shape != data.shape[1:]:
-        lab = resize_segmentation(lab, data.shape[1:], pre.get("resample_order_seg", 1))
-    return data, (lab >= 0.5).astype(np.uint8), props
+def label_to_network(label_1mm: np.ndarray, shape, props: dict, pre: SealsPreprocessing) -> np.ndarray:
+    """A 1 mm label through the same geometry as the data: cropped to nnU-Net's box, transposed and resampled
+    as nnU-Net resamples its segmentations (order 1); uint8 0/1 of the network input's spatial shape."""
+    lab = label_1mm[tuple(slice(a, b) for a, b in props["crop_bbox"])].astype(np.float32)
+    lab = lab.transpose(list(pre.transpose_forward))
+    if lab.shape != tuple(shape):
+        lab = resize_segmentation(lab, shape, pre.resample_order_seg)
+    return (lab >= 0.5).astype(np.uint8)
 
 
 # --- step 2b: export of the softmax (segmentation_export.save_segmentation_nifti_from_softmax) -------
-def export_softmax(softmax: np.ndarray, props: dict, pre: dict, export: dict) -> np.ndarray:
-    """Softmax (classes, *transposed shape) -> un-transposed, at the cropped 1 mm shape, float16-rounded."""
-    tb = pre["transpose_backward"]
+def export_softmax(softmax: np.ndarray, props: dict, pre: SealsPreprocessing, export: SealsExport) -> np.ndarray:
+    """The inverse of :func:`nnunet_preprocess`'s transpose and resampling: softmax (classes, *transposed shape)
+    -> un-transposed, at the cropped 1 mm shape, float16-rounded."""
+    tb = list(pre.transpose_backward)
     softmax = softmax.transpose([0] + [i + 1 for i in tb])
     target_shape = props["size_after_cropping"]
     if any(i != j for i, j in zip(softmax.shape[1:], target_shape, strict=True)):
-        fsz = export.get("force_separate_z")
+        fsz = export.force_separate_z
         if fsz is None:
             if get_do_separate_z(props["original_spacing"]):
                 do_separate_z, axis = True, get_lowres_axis(props["original_spacing"])
@@ -361,14 +483,21 @@ def export_softmax(softmax: np.ndarray, props: dict, pre: dict, export: dict) ->
             axis = get_lowres_axis(props["original_spacing"]) if fsz else None
         if axis is not None and len(axis) != 1:
             do_separate_z = False
-        softmax = resample_data_or_seg(softmax, target_shape, False, axis, export["interpolation_order"],
-                                       do_separate_z, export["interpolation_order_z"])
+        softmax = resample_data_or_seg(softmax, target_shape, False, axis, export.interpolation_order,
+                                       do_separate_z, export.interpolation_order_z)
     # DeepISLES stores each fold's softmax in a float16 .npz (nnU-Net -z) before recover_softmax reads it
     return softmax.astype(np.float16).astype(np.float32)
 
 
 # --- the member ----------------------------------------------------------------------------------
-class SealsMember(Member):
+@dataclass
+class SealsContext(Context):
+    size: list[int] | None = None  # the 1 mm grid (x, y, z)
+    spacing: np.ndarray | None = None  # the DWI's voxel size as SimpleITK reads it
+    props: dict | None = None  # nnU-Net's properties (crop box, shapes); None when the 1 mm image is empty
+
+
+class SealsMember(StoredMember):
     """SEALS (nnU-Net v1, DWI + ADC) exactly as DeepISLES runs it; see the module docstring.
 
     ``fast=True`` skips test-time mirroring (8x fewer network evaluations, all folds kept); the default
@@ -377,48 +506,70 @@ class SealsMember(Member):
     """
 
     name = NAME
+    settings_cls = SealsSettings
     modalities = ("dwi", "adc")
     required = ("dwi", "adc")
     description = "SEALS: nnU-Net v1 3D full-resolution ensemble of folds (DWI + ADC), ISLES'22 winner"
 
-    def __init__(self, nets: list[torch.nn.Module], config: dict, device: str = "cpu", fast: bool = False,
+    def __init__(self, config, networks: list[torch.nn.Module], device: str = "cpu", fast: bool = False,
                  window_batch: int | None = None, mirror_batch: int | None = None):
-        self.nets = nets
-        self.config = config
-        self.device = torch.device(device)
-        self.fast = fast
+        super().__init__(config, networks, device, fast)
         self.window_batch = window_batch or 1
         # the 8 mirrored copies of a window go through the network in chunks of `mirror_batch`
         # (4 on CUDA: one fold at patch 128^3 with fp16 peaked at 4.1 GiB against 7.7 GiB for 8, ~5 % slower;
         # 2 on CPU to bound host memory)
         self.mirror_batch = mirror_batch or (4 if self.device.type == "cuda" else 2)
-        self.last_info: dict = {}
+
+    @property
+    def window(self) -> list[int]:
+        return [int(p) for p in self.settings.inference.patch_size]
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.config.network["num_classes"])
 
     @classmethod
-    def from_store(cls, device: str = "cpu", fast: bool = False) -> SealsMember:
-        from safetensors.torch import load_file
-
+    def build_network(cls, config, entry: ModelEntry) -> torch.nn.Module:
         from deepisles.members.nets.generic_unet import build
-        meta, folder = read_stored_member(NAME)
-        nets = []
-        for k in meta["folds"]:
-            net = build(meta["network"])
-            net.load_state_dict(load_file(str(folder / f"fold_{k}.safetensors")), strict=True)
-            nets.append(net.eval().to(device))
-        if not nets:
-            raise MemberUnavailable(NAME, f"no folds in {folder}; re-import the weights")
-        member = cls(nets, meta, device=device, fast=fast)
-        member.weights_origin = weights_origin(meta)
-        return member
 
-    # -- one fold on the preprocessed array ------------------------------------------------------
+        return build(config.network_of(entry))
+
+    @classmethod
+    def model_entry(cls, fold: int, arch: str | None = None) -> ModelEntry:
+        return ModelEntry(file=f"fold_{fold}.safetensors", name=f"fold_{fold}", fold=fold)
+
+    # -- stage 1: DeepISLES' 1 mm grid, then nnU-Net's preprocessing --------------------------------------
+    def preprocess(self, case: Case, label: np.ndarray | None = None) -> tuple[np.ndarray | None, SealsContext]:
+        pre = self.settings.preprocessing
+        data_1mm, size, spacing, wrapped = to_1mm(case)
+        info = {"grid_1mm": size, "folds": [m.fold for m in self.config.models], "mirroring": not self.fast,
+                "device": str(self.device)}
+        if wrapped:
+            info["deviation"] = ("DeepISLES would wrap the 1 mm grid size modulo 256 (uint8) here and lose part "
+                                 "of the field of view; deepisles keeps the full grid")
+            log.warning("SEALS: %s", info["deviation"])
+        ctx = SealsContext(tuple(case.dwi.shape), info=info, size=size, spacing=spacing)
+        if not np.any(data_1mm != 0):  # nnU-Net cannot crop an empty image; DeepISLES then writes an empty mask
+            if label is not None:
+                raise ValueError("empty image: nothing to crop")
+            return None, ctx
+        data, ctx.props = nnunet_preprocess(data_1mm, pre)
+        if label is not None:
+            ctx.label = label_to_network(label_to_1mm(label, case.dwi, size, spacing), data.shape[1:], ctx.props, pre)
+        return data, ctx
+
+    # -- stage 2: every fold's softmax on the preprocessed array (lazily, one fold at a time) ----------
+    def infer(self, x: np.ndarray | None):
+        for net in self.networks if x is not None else []:
+            yield self._predict_preprocessed(net, x)
+
     def _predict_preprocessed(self, net: torch.nn.Module, data: np.ndarray) -> np.ndarray:
-        inf = self.config["inference"]
-        patch = [int(p) for p in inf["patch_size"]]
+        inf = self.settings.inference
+        patch = [int(p) for p in inf.patch_size]
         x, slicer = pad_to_patch(torch.from_numpy(np.ascontiguousarray(data)), patch, value=0.0)
-        starts = [nnunet_starts(s, p, inf["step_size"]) for s, p in zip(x.shape[1:], patch, strict=True)]
+        starts = [nnunet_starts(s, p, inf.step_size) for s, p in zip(x.shape[1:], patch, strict=True)]
         tiles = int(np.prod([len(s) for s in starts]))
-        weight = nnunet_gaussian(patch, inf["gaussian_sigma_scale"]) if tiles > 1 else constant(patch)
+        weight = nnunet_gaussian(patch, inf.gaussian_sigma_scale) if tiles > 1 else constant(patch)
 
         def softmax(t: torch.Tensor) -> torch.Tensor:
             return torch.softmax(t, dim=1)
@@ -427,47 +578,24 @@ class SealsMember(Member):
             def predict(b):
                 return softmax(net(b))
         else:
-            predict = with_mirroring(net, axes=inf["mirror_axes"], nonlin=softmax, max_batch=self.mirror_batch)
-        amp = bool(inf.get("mixed_precision", True)) and self.device.type == "cuda"
-        out = sliding_window(x, predict, patch, starts, weight, self.config["network"]["num_classes"],
+            predict = with_mirroring(net, axes=inf.mirror_axes, nonlin=softmax, max_batch=self.mirror_batch)
+        amp = inf.mixed_precision and self.device.type == "cuda"
+        out = sliding_window(x, predict, patch, starts, weight, self.out_channels,
                              batch_size=self.window_batch, device=self.device, amp=amp)
         return out[slicer].cpu().numpy()
 
-    def predict(self, case: Case) -> np.ndarray:
-        pre, export = self.config["preprocessing"], self.config["export"]
-        grid_1mm = to_1mm(case)
-        data_1mm, size, spacing, wrapped = grid_1mm
-        info = {"grid_1mm": size, "folds": list(self.config["folds"]), "mirroring": not self.fast,
-                "device": str(self.device)}
-        if wrapped:
-            info["deviation"] = ("DeepISLES would wrap the 1 mm grid size modulo 256 (uint8) here and lose part "
-                                 "of the field of view; deepisles keeps the full grid")
-            log.warning("SEALS: %s", info["deviation"])
-        self.last_info = info
-        if not np.any(data_1mm != 0):  # nnU-Net cannot crop an empty image; DeepISLES then writes an empty mask
-            return np.zeros(case.dwi.shape, dtype=np.float32)
-        data, _, props = network_input(self.config, case, grid_1mm=grid_1mm)
-        acc = None
-        for net in self.nets:
-            sm = export_softmax(self._predict_preprocessed(net, data), props, pre, export)
+    # -- stage 3: each fold exported (2b), mean over folds, back into the 1 mm grid and onto the DWI -------
+    def export(self, softmaxes, context: SealsContext) -> MemberResult:
+        if context.props is None:
+            return self.result(np.zeros(context.shape, dtype=np.float32), context)
+        pre, export = self.settings.preprocessing, self.settings.export
+        acc, n = None, 0
+        for sm in softmaxes:
+            sm = export_softmax(sm, context.props, pre, export)
             acc = sm if acc is None else acc + sm
-        mean = acc / len(self.nets)
-        # recover_softmax.py: back into the 1 mm grid, background 1 outside the crop box
-        full = np.zeros((2, *props["original_size_of_raw_data"]), dtype=np.float32)
-        full[0] = 1.0
-        sl = tuple(slice(a, b) for a, b in props["crop_bbox"])
-        full[(slice(None), *sl)] = mean
-        native = []
-        for c in range(2):
-            img = sitk.GetImageFromArray(full[c])  # spacing 1, origin 0, identity: the 1 mm grid in index space
-            native.append(sitk.GetArrayFromImage(_resample(img, case.dwi.shape, spacing, sitk.sitkFloat32)))
-        bg, fg = native[0].transpose(2, 1, 0), native[1].transpose(2, 1, 0)
+            n += 1
+        mean = acc / n
+        full = uncrop(mean, context.props["original_size_of_raw_data"], context.props["crop_bbox"])
+        bg, fg = from_1mm(full, context.shape, context.spacing)
         prob = np.ascontiguousarray(fg, dtype=np.float32)
-        decide = fg > bg  # the reference argmax (ties -> background)
-        below = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
-        prob[decide & (prob < 0.5)] = 0.5
-        prob[~decide & (prob >= 0.5)] = below
-        return prob
-
-    def report_info(self) -> dict:
-        return {**super().report_info(), **self.last_info}
+        return self.result(match_decision(prob, fg > bg), context)  # the reference argmax (ties -> background)

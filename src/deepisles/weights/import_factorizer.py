@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
-from deepisles.members.factorizer import DEFAULT_CONFIG, NAME
+from deepisles.members.factorizer import NAME, REFERENCE_INPUTS, FactorizerMember, FactorizerSettings
 from deepisles.members.nets.factorizer_nets import (
     UnsupportedConfig,
     build_network,
@@ -66,10 +66,6 @@ _FOLD_RE = re.compile(r"^fold(\d+)$")
 # --- the stand-in unpickler ---------------------------------------------------------------------------
 # (the stand-in classes are shared with the NVAUTO TorchScript reader: deepisles.weights.restricted)
 _stand_in = stand_in
-
-
-class _AttributeRef(StandIn):
-    _ref = "getattr"
 
 
 def _safe_getattr(obj, name, *default):
@@ -322,7 +318,7 @@ def verify_model(
     if not run:
         return
     net.eval()
-    size = DEFAULT_CONFIG["roi_size"]
+    size = list(FactorizerSettings().roi_size)
     x = torch.zeros((1, in_channels, *size))
     x[:, :, 8:-8, 8:-8, 8:-8] = 1.0
     with torch.inference_mode():
@@ -351,7 +347,7 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
         if kind != arch:
             raise DeepIslesError(_arch_mismatch(path, network, kind, arch))
         in_channels = _in_channels(network)
-        if in_channels != len(DEFAULT_CONFIG["inputs"]):
+        if in_channels != len(REFERENCE_INPUTS):
             raise DeepIslesError(f"{path}: network takes {in_channels} channels, expected DWI, ADC, FLAIR")
         # every model is rebuilt and loaded strictly; one model per distinct configuration is also run once
         verify_model(
@@ -372,7 +368,9 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
             }
         )
         log.info("converted %s (%d tensors)", name, len(tensors))
-    meta = {"source": f"DeepISLES FACTORIZER checkpoints ({folder})", **DEFAULT_CONFIG, "models": models}
+    raw = {"source": f"DeepISLES FACTORIZER checkpoints ({folder})", "inputs": list(REFERENCE_INPUTS),
+           "settings": FactorizerSettings().to_json(), "models": models}
+    meta = FactorizerMember.parse(raw, f"{folder} (converted member.json)").to_json()  # schema-checked
     files = {fname: functools.partial(_write_tensors, tensors) for fname, tensors in payload.items()}
     dest = store.write_member(NAME, meta, files, overwrite=overwrite)
     store.read_member(NAME, verify=True)

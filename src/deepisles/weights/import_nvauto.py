@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
-from deepisles.members.nvauto import DEFAULT_CONFIG, NAME, build_segresnet
+from deepisles.members.nvauto import NAME, REFERENCE_INPUTS, NvautoMember, NvautoSettings, build_segresnet
 from deepisles.weights import store
 from deepisles.weights.restricted import (
     StandIn,
@@ -279,13 +279,13 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
         log.warning(
             "%s: %d NVAUTO models found, the official release has %d", base, len(files), OFFICIAL_COUNT
         )
-    cfg = dict(DEFAULT_CONFIG)
+    settings = NvautoSettings()  # the reference configuration (DeepISLES src/NVAUTO/process.py)
     network, payload, sources = None, {}, {}
     for p in files:
-        spec, tensors = read_model(p, in_channels=len(cfg["inputs"]), out_channels=int(cfg["out_channels"]))
+        spec, tensors = read_model(p, in_channels=len(REFERENCE_INPUTS), out_channels=settings.out_channels)
         if network is None:
             network = spec
-            probe(p, spec, tensors, int(cfg["out_channels"]))
+            probe(p, spec, tensors, settings.out_channels)
         elif spec != network:
             raise DeepIslesError(
                 f"{p}: a SegResNet configured differently from {files[0].name}'s ({_brief(spec)} vs "
@@ -294,18 +294,20 @@ def import_official(folder: Path, overwrite: bool = False) -> Path:
         name = p.with_suffix(".safetensors").name
         payload[name] = tensors
         sources[name] = {"file": str(p.relative_to(base)), "sha256": store.sha256_file(p)}
-    names = list(payload)
-    meta = {
+    raw = {
         "source": str(base.resolve()),
-        "reference": "DeepISLES src/NVAUTO/process.py (MONAI 0.9.0 transforms and sliding-window inference)",
-        "architecture": "MONAI SegResNet (built by deepisles; tensors read from the official TorchScript "
-                        "archives, whose code is not run)",
-        "inputs": list(cfg["inputs"]),
+        "inputs": list(REFERENCE_INPUTS),
         "network": network,
-        "models": names,
-        "official_files": sources,
-        "config": cfg,
+        "models": [{"file": name, "name": Path(name).stem, "fold": k} for k, name in enumerate(payload)],
+        "settings": settings.to_json(),
+        "provenance": {
+            "reference": "DeepISLES src/NVAUTO/process.py (MONAI 0.9.0 transforms and sliding-window inference)",
+            "architecture": "MONAI SegResNet (built by deepisles; tensors read from the official TorchScript "
+                            "archives, whose code is not run)",
+            "official_files": sources,
+        },
     }  # fmt: skip
+    meta = NvautoMember.parse(raw, f"{base} (converted member.json)").to_json()  # schema-checked
 
     def writer(tensors: dict[str, torch.Tensor], name: str, path: Path) -> None:
         save_file(tensors, str(path), metadata={"member": NAME, "source": sources[name]["file"]})

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
+from deepisles.members.seals import SealsMember
 from deepisles.weights import store
 
 log = logging.getLogger(__name__)
@@ -324,17 +325,22 @@ def import_official(folder: Path, overwrite: bool = False, say: Callable[[str], 
         return lambda p: save_file(sd, str(p), metadata={"member": MEMBER, "fold": str(k)})
 
     files = {f"fold_{k}.safetensors": writer(sd, k) for k, sd in state_dicts.items()}
-    meta = {
+    raw = {
         "source": str(folder),
-        "reference": "DeepISLES src/SEALS (nnU-Net v1.7 fork): nnUNet_predict -t 12 -tr nnUNetTrainerV2_DDP "
-                     "-m 3d_fullres -f K -z --disable_postprocessing, per fold, then recover_softmax + mean",
         "inputs": ["dwi", "adc"],
-        "trainer": trainer,
-        "checkpoint": CHECKPOINT,
-        "folds": folds,
-        "epochs": {str(k): v for k, v in epochs.items()},
-        **config,
+        "network": config["network"],
+        "models": [SealsMember.model_entry(k).to_json() for k in folds],
+        "settings": {key: config[key] for key in ("preprocessing", "inference", "export")},
+        "provenance": {
+            "reference": "DeepISLES src/SEALS (nnU-Net v1.7 fork): nnUNet_predict -t 12 -tr nnUNetTrainerV2_DDP "
+                         "-m 3d_fullres -f K -z --disable_postprocessing, per fold, then recover_softmax + mean",
+            "trainer": trainer,
+            "checkpoint": CHECKPOINT,
+            "stage": config["stage"],
+            "epochs": {str(k): v for k, v in epochs.items()},
+        },
     }
+    meta = SealsMember.parse(raw, f"{folder} (converted member.json)").to_json()  # schema-checked
     dest = store.write_member(MEMBER, meta, files, overwrite=overwrite)
     _verify(dest, state_dicts)
     return dest

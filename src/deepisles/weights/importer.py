@@ -1,6 +1,7 @@
 """`deepisles weights import`: finds each member in an unpacked official DeepISLES weight folder (or the
-``.7z`` archive) and converts it into the store. The per-member converters (``import_<member>.py``) are the
-only code in deepisles that unpickles, and only here, at import time."""
+``.7z`` archive) and converts it into the store. The per-member converters are the modules the member registry
+(``deepisles.members.registry``) names as importers (``import_<member>.py``); they are the only code in deepisles
+that unpickles, and only here, at import time."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepisles.errors import DeepIslesError
+from deepisles.members.registry import importable_members, spec
 from deepisles.weights import store
-
-MEMBERS = ("seals", "nvauto", "factorizer")
 
 
 def _converter(name: str):
-    return importlib.import_module(f"deepisles.weights.import_{name}")
+    """The importer module the registry names for member ``name`` (``locate`` + ``import_official``)."""
+    return importlib.import_module(spec(name, importable_members(), "member to import").importer)
 
 
 def unsafe_member(name: str, *, is_link: bool = False) -> str | None:
@@ -69,12 +70,15 @@ def extract_7z(archive: Path, into: Path) -> Path:
 
 def import_weights(
     path: Path,
-    members: tuple[str, ...] = MEMBERS,
+    members: tuple[str, ...] | None = None,
     overwrite: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, str]:
-    """Import every requested member found under ``path``; returns member -> store folder or reason."""
+    """Import every requested member (default: every importable one) found under ``path``; returns member ->
+    store folder or reason."""
+    members = importable_members() if members is None else tuple(members)
     path = Path(path)
+    converters = {name: _converter(name) for name in members}  # unknown names are refused before any work
     if not path.exists():
         raise DeepIslesError(f"{path}: no such file or folder")
     tmp = None
@@ -89,8 +93,7 @@ def import_weights(
         else:
             root = path
         results: dict[str, str] = {}
-        for name in members:
-            conv = _converter(name)
+        for name, conv in converters.items():
             folder = conv.locate(root)
             if folder is None:
                 results[name] = "not found in this folder"

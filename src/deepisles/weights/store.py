@@ -1,11 +1,13 @@
 """The weight store: one folder per member under ``$DEEPISLES_HOME/weights/<member>/``.
 
-Each member folder holds ``member.json`` (format version, member name, source, inputs in network order,
-preprocessing and architecture configuration, and the SHA-256 of every weight file) and its weight files:
-``*.safetensors`` (tensors only, no pickles; stores written before the restricted NVAUTO import may hold a
-TorchScript ``*.ts``, which is never loaded: re-import). Folders are written to a
-temporary sibling and renamed into place, so an interrupted import leaves no half-written member.
-Nothing here unpickles.
+Each member folder holds ``member.json`` and its weight files: ``*.safetensors`` (tensors only, no pickles;
+stores written before the restricted NVAUTO import may hold a TorchScript ``*.ts``, which is never loaded:
+re-import). ``member.json`` follows one schema for every member (``deepisles.members.config``: format version,
+member name, source, inputs in network order, network, models, the member's typed settings) plus the SHA-256
+of every weight file, which this module adds. This module knows the folder layout and the checksums, not the
+members: it reads any format in ``READABLE_FORMATS`` as stored, and the members' configuration code migrates
+older formats on read. Folders are written to a temporary sibling and renamed into place, so an interrupted
+import leaves no half-written member. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from deepisles.errors import DeepIslesError
 from deepisles.io.hashing import sha256_file
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # what write_member stamps (deepisles.members.config.FORMAT)
+READABLE_FORMATS = (1, 2)  # format 1 (older deepisles) is migrated by deepisles.members.config on read
 MEMBER_FILE = "member.json"
 
 
@@ -63,9 +66,11 @@ def read_member_folder(folder: Path, verify: bool = False) -> tuple[dict, Path]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DeepIslesError(f"{meta_path}: corrupt member description ({exc.msg})") from None
-    if meta.get("format") != STORE_FORMAT:
-        raise DeepIslesError(f"{meta_path}: store format {meta.get('format')} is not {STORE_FORMAT}; re-import")
-    for fname, digest in meta.get("files", {}).items():
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        version = meta.get("format") if isinstance(meta, dict) else None
+        raise DeepIslesError(f"{meta_path}: store format {version} is not one this deepisles reads "
+                             f"({', '.join(map(str, READABLE_FORMATS))}); re-import")
+    for fname, digest in (meta.get("files") or {}).items():
         f = folder / fname
         if not f.is_file():
             raise DeepIslesError(f"{f}: weight file missing; re-import member {name}")

@@ -1,4 +1,5 @@
-"""nnU-Net v1 ``Generic_UNet`` as nnU-Net v1's ``nnUNetTrainerV2`` builds it, for inference.
+"""nnU-Net v1 ``Generic_UNet`` as nnU-Net v1's ``nnUNetTrainerV2`` builds it; the SEALS member runs it and
+``deepisles train`` trains it (the compact default model, fine-tuning of the official folds).
 
 Our own code, with the parameter names of the original so that the official state dicts load strictly:
 
@@ -7,7 +8,9 @@ Our own code, with the parameter names of the original so that the official stat
 * bottleneck ``conv_blocks_context[-1]`` = ``Sequential(StackedConvLayers(n-1 convs), StackedConvLayers(1 conv))``;
 * decoder ``tu[u]`` (``ConvTranspose``, kernel = stride = pool kernel, no bias) then
   ``conv_blocks_localization[u]`` (same two-part layout) on ``cat(up, skip)``;
-* ``seg_outputs[u]`` bias-free 1x1 convolutions; at inference only the last (full resolution) is used.
+* ``seg_outputs[u]`` bias-free 1x1 convolutions; ``forward`` returns only the last (full resolution) one, at
+  inference and in training (deepisles' loss has no deep supervision; the other heads exist so that the official
+  state dicts load).
 
 Each block is conv (bias) -> InstanceNorm (affine, eps 1e-5) -> LeakyReLU(0.01); padding 1 where the kernel is 3,
 else 0 (as nnU-Net does). Widths: ``base * 2**d`` capped at ``max_num_features`` (320 for 3D).
