@@ -148,17 +148,43 @@ def evaluate(
     csv: str | Path | None = None,
     overwrite: bool = False,
     progress=None,
+    by: tuple[str, ...] | list[str] = (),
+    out_dir: str | Path | None = None,
+    dataset: str | Path | None = None,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    volume_bins: str | list[float] | None = None,
+    count_bins: str | list[int] | None = None,
 ) -> tuple[list[dict], dict]:
-    """ISLES'22 metrics per case (rows) and their summary; optionally writes the per-case CSV."""
-    from deepisles import metrics
-    from deepisles.errors import OutputExistsError
+    """ISLES'22 metrics per case (rows) and their summary; optionally writes the per-case CSV.
 
+    With ``out_dir`` (required by ``by``) also the stratified evaluation (:mod:`deepisles.validation.strata`):
+    per stratum of each ``by`` ("volume", "count", a participants.tsv column or DWI sidecar field of ``dataset``,
+    by default the dataset of ``gt``) the metrics with ``bootstrap`` resamples (seeded by ``seed``), box plots and
+    a Bland-Altman plot, written to ``out_dir``; the rows then also hold the reference / predicted volumes and
+    counts, and ``summary["strata"]`` is what strata.json holds. Options, output folder and ``by`` names are
+    checked before any case is scored.
+    """
+    from deepisles import metrics
+    from deepisles.errors import DeepIslesError, OutputExistsError
+
+    if by and out_dir is None:
+        raise DeepIslesError("--by needs --out-dir DIR (where the strata tables and plots go)")
     if csv is not None and Path(csv).exists() and not overwrite:
         raise OutputExistsError(f"{csv}: already exists; pass --overwrite to replace it")
-    rows = metrics.evaluate_paths(Path(pred), Path(gt), progress=progress)
+    plan = None
+    if out_dir is not None:
+        from deepisles.validation import strata
+
+        plan = strata.prepare(Path(pred), Path(gt), by=by, out_dir=Path(out_dir), dataset=dataset,
+                              resamples=bootstrap, seed=seed, volume_bins=volume_bins, count_bins=count_bins,
+                              overwrite=overwrite, progress=progress)  # fmt: skip
+    rows = metrics.evaluate_paths(Path(pred), Path(gt), progress=progress, volumes=plan is not None)
     summary = metrics.summarize(rows)
     if csv is not None:
         metrics.write_metrics_csv(Path(csv), rows)
+    if plan is not None:
+        summary["strata"] = plan.run(rows, progress=progress)
     return rows, summary
 
 

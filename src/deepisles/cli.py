@@ -160,27 +160,70 @@ def evaluate(
     pred: Annotated[Path, typer.Option("--pred", help="Predicted mask file, or folder of masks.")],
     gt: Annotated[Path, typer.Option("--gt", help="Ground-truth mask file, folder (same file names) or ISLES'22 dataset/derivatives folder.")],
     csv: Annotated[Path | None, typer.Option("-o", "--output", help="Per-case CSV to write.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CSV.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CSV / strata outputs.")] = False,
+    by: Annotated[list[str] | None, typer.Option("--by", help="Stratify (repeatable): volume (reference lesion volume bins), count (reference lesion count bins), or a participants.tsv column / DWI JSON-sidecar field (e.g. Manufacturer). Needs --out-dir.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder for the stratified evaluation: cases.csv, strata.csv, strata.json, strata_<by>.png box plots, bland_altman.png.")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="ISLES'22/BIDS dataset holding participants.tsv and the DWI sidecars (default: the dataset of --gt).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% CI of each stratum's mean (0: none).", min=0)] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    volume_bins: Annotated[str | None, typer.Option("--volume-bins", help="Reference-volume bin edges in mL, default 1,5,20,70: <1, 1-5, 5-20, 20-70, >=70 mL (empty references apart).")] = None,
+    count_bins: Annotated[str | None, typer.Option("--count-bins", help="Reference lesion-count bin ends, default 1,5: 1, 2-5, >5 (empty references apart).")] = None,
 ) -> None:
-    """Score masks with the official ISLES'22 metrics (Dice, absolute volume difference, lesion count difference, lesion F1)."""
+    """Score masks with the official ISLES'22 metrics (Dice, absolute volume difference, lesion count difference, lesion F1); --by: per stratum."""
     from rich.progress import Progress
 
     from deepisles.api import evaluate as api_evaluate
+    from deepisles.metrics import METRICS
 
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("scoring", total=None)
         rows, summary = api_evaluate(
             pred, gt, csv=csv, overwrite=overwrite,
-            progress=_Bar(bar, task),
+            progress=_Bar(bar, task), by=tuple(by or ()), out_dir=out_dir, dataset=dataset, bootstrap=bootstrap,
+            seed=seed, volume_bins=volume_bins, count_bins=count_bins,
         )
     table = Table(title=f"ISLES'22 metrics over {len(rows)} case(s)")
     for col in ("metric", "mean", "median", "IQR (q1–q3)"):
         table.add_column(col)
-    for metric, s in summary.items():
+    for metric in METRICS:
+        s = summary[metric]
         table.add_row(metric, f"{s['mean']:.4f}", f"{s['median']:.4f}", f"{s['q1']:.4f}–{s['q3']:.4f}")
     out.print(table)
     if csv is not None:
         out.print(f"per-case metrics: {csv}")
+    if "strata" in summary:
+        _print_strata(summary["strata"], out_dir)
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _print_strata(report: dict, out_dir: Path) -> None:
+    for name, block in report["by"].items():
+        table = Table(title=f"by {name} ({block['source']})")
+        for col in ("stratum", "n", "Dice median [IQR]", "Dice mean (95% CI)", "F1 median", "|ΔV| median mL"):
+            table.add_column(col)
+        for s in block["strata"]:
+            d, f, v = (s["metrics"][m] for m in ("dice", "lesion_f1", "abs_volume_diff_ml"))
+            table.add_row(s["stratum"], str(s["n"]), f"{_num(d['median'])} [{_num(d['q1'])}–{_num(d['q3'])}]",
+                          f"{_num(d['mean'])} ({_num(d['ci_low'])}–{_num(d['ci_high'])})", _num(f["median"]),
+                          _num(v["median"], ".2f"))  # fmt: skip
+        out.print(table)
+        if block["n_a"]:
+            reasons: dict[str, int] = {}
+            for why in block["n_a"].values():
+                reasons[why] = reasons.get(why, 0) + 1
+            _line("note:", "yellow", f"--by {name}: {len(block['n_a'])} case(s) in n/a: "
+                  + "; ".join(f"{n} {why}" for why, n in reasons.items()))  # fmt: skip
+    extra = (report.get("attributes") or {}).get("participants_without_case") or []
+    if extra:
+        _line("note:", "yellow", f"{len(extra)} participant(s) of participants.tsv have no evaluated case: "
+              + ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))  # fmt: skip
+    ba = report["bland_altman"]
+    out.print(f"Bland-Altman (predicted - reference volume, {ba['n']} cases): bias {_num(ba['bias_ml'], '.2f')} mL, "
+              f"limits of agreement {_num(ba['loa_low_ml'], '.2f')} to {_num(ba['loa_high_ml'], '.2f')} mL")
+    out.print(f"strata tables and plots: {out_dir}")
 
 
 @app.command()

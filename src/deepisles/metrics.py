@@ -36,6 +36,8 @@ from deepisles.progress import Progress, as_progress
 
 COLUMNS = ("case", "dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
 METRICS = COLUMNS[1:]
+#: extra per-case keys with ``volumes=True``: reference / predicted volume (mL) and lesion count (26-connected)
+VOLUME_COLUMNS = ("ref_volume_ml", "pred_volume_ml", "ref_lesion_count", "pred_lesion_count")
 CONNECTIVITY = 26
 
 #: file endings read as masks (NIfTI through nibabel, MetaImage / NRRD through SimpleITK)
@@ -66,8 +68,12 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def case_metrics(pred: np.ndarray, gt: np.ndarray, voxel_volume_ml: float) -> dict:
-    """The four ISLES'22 metrics of one case (keys ``COLUMNS[1:]``); ``pred`` and ``gt`` share one grid."""
+def case_metrics(pred: np.ndarray, gt: np.ndarray, voxel_volume_ml: float, volumes: bool = False) -> dict:
+    """The four ISLES'22 metrics of one case (keys ``COLUMNS[1:]``); ``pred`` and ``gt`` share one grid.
+
+    ``volumes``: also the keys of :data:`VOLUME_COLUMNS` (reference and predicted volume in mL and lesion count),
+    what the stratified evaluation (:mod:`deepisles.validation.strata`) bins and compares.
+    """
     p = _binary(pred)
     g = _binary(gt)
     if p.shape != g.shape:
@@ -93,12 +99,15 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, voxel_volume_ml: float) -> di
     fp = comps_p - int(np.unique(labels_p[both]).size)
     lesion_f1 = 1.0 if tp + fp + fn == 0 else tp / (tp + (fp + fn) / 2.0)
 
-    return {
+    out = {
         "dice": float(dice),
         "abs_volume_diff_ml": float(abs_volume_diff_ml),
         "abs_lesion_count_diff": int(abs_lesion_count_diff),
         "lesion_f1": float(lesion_f1),
     }
+    if volumes:
+        out.update(ref_volume_ml=n_g * v, pred_volume_ml=n_p * v, ref_lesion_count=comps_g, pred_lesion_count=comps_p)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -164,7 +173,7 @@ def _fmt(values: Iterable[float]) -> str:
     return "x".join(f"{v:.4g}" for v in values)
 
 
-def evaluate_pair(pred_path: Path, gt_path: Path) -> dict:
+def evaluate_pair(pred_path: Path, gt_path: Path, volumes: bool = False) -> dict:
     """Read a prediction and its ground truth, check they share one grid, return :func:`case_metrics`.
 
     The voxel volume is the ground truth's header voxel size (the grids are equal within 1e-3 mm).
@@ -185,7 +194,7 @@ def evaluate_pair(pred_path: Path, gt_path: Path) -> dict:
             pred.path,
             f"not on the grid of the ground truth {gt.path} ({detail}); resample the prediction onto it first",
         )
-    return case_metrics(pred.data, gt.data, gt.voxel_volume_ml)
+    return case_metrics(pred.data, gt.data, gt.voxel_volume_ml, volumes=volumes)
 
 
 # ------------------------------------------------------------------------------------------------- pairing
@@ -369,9 +378,10 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
 
 # ------------------------------------------------------------------------------------------------- batch
 def evaluate_paths(
-    pred: Path, gt: Path, progress: Progress | None = None
+    pred: Path, gt: Path, progress: Progress | None = None, volumes: bool = False
 ) -> list[dict]:
-    """Metrics of every paired case: rows ``{"case": ..., <metrics>}`` sorted by case.
+    """Metrics of every paired case: rows ``{"case": ..., <metrics>}`` sorted by case (``volumes``: also
+    :data:`VOLUME_COLUMNS`).
 
     ``progress.advance(done, total, case)`` after each case (:mod:`deepisles.progress`).
     """
@@ -379,7 +389,7 @@ def evaluate_paths(
     pairs = pair_cases(pred, gt)
     rows = []
     for i, (case, p, g) in enumerate(pairs, start=1):
-        rows.append({"case": case, **evaluate_pair(p, g)})
+        rows.append({"case": case, **evaluate_pair(p, g, volumes=volumes)})
         progress.advance(i, len(pairs), case)
     return sorted(rows, key=lambda r: r["case"])
 
