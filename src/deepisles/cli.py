@@ -207,7 +207,8 @@ def _print_strata(report: dict, out_dir: Path) -> None:
         for s in block["strata"]:
             d, f, v = (s["metrics"][m] for m in ("dice", "lesion_f1", "abs_volume_diff_ml"))
             table.add_row(s["stratum"], str(s["n"]), f"{_num(d['median'])} [{_num(d['q1'])}–{_num(d['q3'])}]",
-                          f"{_num(d['mean'])} ({_num(d['ci_low'])}–{_num(d['ci_high'])})", _num(f["median"]),
+                          _num(d["mean"]) + (f" ({d['ci_low']:.3f}–{d['ci_high']:.3f})" if d["ci_low"] is not None
+                                             else ""), _num(f["median"]),
                           _num(v["median"], ".2f"))  # fmt: skip
         out.print(table)
         if block["n_a"]:
