@@ -247,12 +247,17 @@ def test_bootstrap_is_seeded_and_covers_the_true_mean():
     assert np.isnan(S.describe(values, 0, 0, "k")["ci_low"])
 
 
-def test_same_seed_same_report_and_bins_options(cohort, tmp_path):
-    kw = {"by": ("volume",), "bootstrap": 200}
-    _, s1 = api.evaluate(cohort["preds"], cohort["ds"], out_dir=tmp_path / "a", seed=3, **kw)
-    _, s2 = api.evaluate(cohort["preds"], cohort["ds"], out_dir=tmp_path / "b", seed=3, **kw)
-    _, s3 = api.evaluate(cohort["preds"], cohort["ds"], out_dir=tmp_path / "c", seed=4, **kw)
-    assert s1["strata"]["by"] == s2["strata"]["by"] and s1["strata"]["by"] != s3["strata"]["by"]
+def test_same_seed_same_report_and_bins_options(cohort, run, tmp_path):
+    def report(seed):
+        return S.StrataPlan(by=("volume", "count"), out_dir=tmp_path, resamples=200, seed=seed).stratify(run["rows"])
+
+    s1, s2, s3 = report(3), report(3), report(4)
+    assert s1["by"] == s2["by"] and s1["by"] != s3["by"]
+    assert s1["by"]["volume"]["strata"][1]["metrics"]["dice"]["ci_low"] != s3["by"]["volume"]["strata"][1][
+        "metrics"]["dice"]["ci_low"]  # fmt: skip
+    vol = run["summary"]["strata"]["by"]["volume"]["strata"]  # seed 7, 500 resamples: depends on seed and name only
+    again = S.StrataPlan(by=("count", "volume"), out_dir=tmp_path, resamples=500, seed=7).stratify(run["rows"])
+    assert again["by"]["volume"]["strata"] == vol
     _, s = api.evaluate(cohort["preds"], cohort["ds"], out_dir=tmp_path / "d", by=("volume", "count"),
                         volume_bins="10", count_bins="1,2,5", bootstrap=0)  # fmt: skip
     assert [x["stratum"] for x in s["strata"]["by"]["volume"]["strata"]] == ["<10 mL", ">=10 mL", "empty reference"]
@@ -329,3 +334,22 @@ def test_bad_participants_tsv(cohort, tmp_path):
         tsv.write_text(text)
         res = _cli(["--pred", cohort["preds"], "--gt", ds, "--by", "site", "--out-dir", tmp_path / "o"])
         _one_line_error(res, "participants.tsv", needle)
+
+
+def test_bids_layout_without_sessions_and_mismatched_subjects(tmp_path):
+    ds, preds = tmp_path / "bids", tmp_path / "preds"
+    gt, pred, _ = _build(COHORT["sub-a02"])
+    for sub, vendor in (("sub-01", "GE"), ("sub-02", "Siemens")):
+        _save(ds / "derivatives" / "lesions" / sub / "anat" / f"{sub}_msk.nii.gz", gt)
+        _save(preds / sub / "mask.nii.gz", pred)
+        for role in ("dwi", "adc"):
+            _save(ds / sub / "dwi" / f"{sub}_{role}.nii.gz", np.ones(SHAPE, np.float32))
+        (ds / sub / "dwi" / f"{sub}_dwi.json").write_text(json.dumps({"Manufacturer": vendor}))
+    (ds / "participants.tsv").write_text("participant_id\tgroup\nsub-01\tx\nsub-02\ty\n")
+    _, s = api.evaluate(preds, ds / "derivatives", by=("Manufacturer", "group"), out_dir=tmp_path / "o",
+                        bootstrap=10)  # fmt: skip
+    assert [x["stratum"] for x in s["strata"]["by"]["Manufacturer"]["strata"]] == ["GE", "Siemens"]
+    assert [x["n"] for x in s["strata"]["by"]["group"]["strata"]] == [1, 1]
+    (preds / "sub-02" / "mask.nii.gz").unlink()
+    res = _cli(["--pred", preds, "--gt", ds, "--by", "group", "--out-dir", tmp_path / "o2"])
+    _one_line_error(res, "no prediction for 1 of 2", "sub-02")

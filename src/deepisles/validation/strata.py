@@ -190,7 +190,8 @@ class StrataPlan:
     notes: dict = field(default_factory=dict)
 
     def stratify(self, rows: Sequence[dict]) -> dict:
-        """The strata report (what strata.json holds) of scored ``rows`` (with :data:`VOLUME_COLUMNS`)."""
+        """The strata report (what strata.json holds; None for statistics without a value) of scored ``rows``
+        (with :data:`VOLUME_COLUMNS`)."""
         report: dict = {
             "n_cases": len(rows),
             "metrics": list(METRICS),
@@ -219,7 +220,7 @@ class StrataPlan:
             source = "reference mask" if name in BUILTIN else self.attrs.columns[name]
             report["by"][name] = {"source": source, "strata": strata,
                                   "n_a": {c: missing.get(c, "") for c in labels if labels[c] == NA}}  # fmt: skip
-        return report
+        return _clean(report)
 
     def write(self, report: dict, rows: Sequence[dict], progress: Progress | None = None) -> dict[str, Path]:
         progress = as_progress(progress)
@@ -247,7 +248,7 @@ class StrataPlan:
             out / "bland_altman.png", [r["pred_volume_ml"] for r in rows], [r["ref_volume_ml"] for r in rows],
             report["bland_altman"])  # fmt: skip
         report["files"] = {k: str(v) for k, v in files.items()}
-        files["strata_json"] = write_json_atomic(out / "strata.json", _clean(report))
+        files["strata_json"] = write_json_atomic(out / "strata.json", report)
         return files
 
     def run(self, rows: Sequence[dict], progress: Progress | None = None) -> dict:
@@ -255,7 +256,7 @@ class StrataPlan:
         as_progress(progress).step("bootstrap confidence intervals")
         report = self.stratify(rows)
         self.write(report, rows, progress)
-        return _clean(report)
+        return report
 
 
 def _csv(header: Sequence[str], rows) -> str:
