@@ -425,17 +425,20 @@ app.add_typer(weights_app, name="weights")
 @_friendly
 def weights_import(
     path: Annotated[Path, typer.Argument(help="Unpacked official weight folder (holding weights/) or stroke_ensemble_weights.7z.")],
-    members: Annotated[str, typer.Option("--members", help="Comma-separated subset of seals,nvauto,factorizer.")] = "seals,nvauto,factorizer",
+    members: Annotated[str | None, typer.Option("--members", help="Comma-separated subset of the importable members (default: all of them: seals, nvauto, factorizer).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace members already imported.")] = False,
 ) -> None:
     """Convert the official weights into deepisles' store (safetensors + JSON) under $DEEPISLES_HOME.
 
     This is the only step that reads the official checkpoints, with restricted readers (tensors and plain
     containers only; nothing from the files is run); a .7z is unpacked only after every member name is checked."""
+    from deepisles.members import registry
     from deepisles.weights.importer import import_weights
     from deepisles.weights.store import weights_dir
 
-    names = tuple(m.strip() for m in members.split(",") if m.strip())
+    names = registry.importable_members() if members is None else tuple(m.strip() for m in members.split(",") if m.strip())
+    for name in names:
+        registry.spec(name, registry.importable_members(), "importable member")
     results = import_weights(path, names, overwrite=overwrite, say=lambda m: err.print(m, highlight=False, soft_wrap=True))
     for name, where in results.items():
         out.print(f"{name}: {where}")
@@ -469,14 +472,16 @@ def weights_list() -> None:
 @weights_app.command("info")
 @_friendly
 def weights_info(
-    member: Annotated[str, typer.Argument(help="Member name (seals, nvauto, factorizer).")],
+    member: Annotated[str, typer.Argument(help="Member name (a member with stored weights: seals, nvauto, factorizer).")],
     verify: Annotated[bool, typer.Option("--verify", help="Re-check every file's SHA-256.")] = False,
 ) -> None:
     """Show a member's stored description (inputs, preprocessing, architecture, files)."""
     import json
 
+    from deepisles.members import registry
     from deepisles.weights import store
 
+    registry.spec(member, registry.deep_members(), "member with stored weights")
     try:
         meta, folder = store.read_member(member, verify=verify)
     except FileNotFoundError as exc:
