@@ -1,5 +1,6 @@
 """report.html: self-contained (bundle, numbers, volumes inlined; nothing fetched), atomic, never overwritten
-unasked; in headless Chromium (skipped without one) the NiiVue viewer shows the lesion in red."""
+unasked; in headless Chromium the NiiVue viewer shows the lesion in red (skipped without a Chromium, except under
+.ci/run, which installs one and sets DEEPISLES_REQUIRE_BROWSER=1 so that a missing browser fails)."""
 
 from __future__ import annotations
 
@@ -150,12 +151,18 @@ def test_focus_is_where_the_lesion_is():
 
 
 # ---- in a browser ------------------------------------------------------------------------------------------
+REQUIRE_BROWSER = "DEEPISLES_REQUIRE_BROWSER"  # set by .ci/run: there, no Chromium is a failure, not a skip
+
+
 @pytest.fixture(scope="module")
 def shot():
-    """scripts/screenshot_report.py, or a skip when there is no Chromium."""
+    """scripts/screenshot_report.py; without a Chromium a skip, or a failure when $DEEPISLES_REQUIRE_BROWSER=1."""
     mod = _load_script()
     if mod.find_chromium() is None:
-        pytest.skip(f"no Chromium binary found (apt-get install {mod.APT_PACKAGE}, or set $CHROMIUM)")
+        why = f"no Chromium binary found (apt-get install {mod.APT_PACKAGE}, or set $CHROMIUM)"
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{why}; ${REQUIRE_BROWSER}=1 requires the browser test to run")
+        pytest.skip(why)
     return mod
 
 
