@@ -39,8 +39,8 @@ SOURCES = {
     "NVAUTO": OFFICIAL / "nvauto" / "weights" / "NVAUTO",
     "FACTORIZER": OFFICIAL / "factorizer" / "weights" / "FACTORIZER",
 }
-PROB_TOL = 1e-3
-DICE_MIN = 0.999
+PROB_TOL = 1e-3  # measured max |p - p_ref| on CPU: SEALS 2.0e-4, NVAUTO 3.0e-6, FACTORIZER 6.3e-7
+# masks: identical to the reference's on CPU (every member and the vote; asserted voxel for voxel)
 # DeepISLES' ensemble weight of each FACTORIZER model: the reference stores 0.1 x the mean logit
 FACTORIZER_WEIGHT = 0.1
 
@@ -105,12 +105,10 @@ def _check_member(out: Path, ref: dict, name: str) -> dict:
     prob = _load(out / "members" / f"{name}_prob.nii.gz")
     assert prob.dtype == np.float32 and prob.shape == ref[f"{name}_mask"].shape
     diff = float(np.abs(prob - ref[f"{name}_prob"]).max())
-    dice = _dice(prob >= 0.5, ref[f"{name}_mask"])
+    differ = int(((prob >= 0.5) != ref[f"{name}_mask"].astype(bool)).sum())
     assert diff <= PROB_TOL, f"{name}: max |p - p_ref| = {diff}"
-    assert dice >= DICE_MIN, (
-        f"{name}: Dice {dice} ({int(((prob >= 0.5) != ref[f'{name}_mask']).sum())} voxels differ)"
-    )
-    return {"max_abs_diff": diff, "dice": dice}
+    assert differ == 0, f"{name}: {differ} voxels differ (Dice {_dice(prob >= 0.5, ref[f'{name}_mask'])})"
+    return {"max_abs_diff": diff, "voxels_differ": differ}
 
 
 def _decision_consistent(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -175,16 +173,14 @@ def test_segment_save_members_reproduces_every_member_and_the_vote(imported, ref
 
     mask = _load(out / "lesion_mask.nii.gz")
     assert mask.shape == ref["vote"].shape
-    dice = _dice(mask, ref["vote"])
-    assert dice >= DICE_MIN, (
-        f"vote: Dice {dice} ({int((mask.astype(bool) != ref['vote'].astype(bool)).sum())} differ)"
-    )
+    differ = int((mask.astype(bool) != ref["vote"].astype(bool)).sum())
+    assert differ == 0, f"vote: {differ} voxels differ (Dice {_dice(mask, ref['vote'])})"
     prob = _load(out / "lesion_prob.nii.gz")
     mean_ref = np.mean([ref[f"{m}_prob"] for m in MEMBERS], axis=0)
     assert float(np.abs(prob - mean_ref).max()) <= PROB_TOL
     assert report["lesions"]["voxels"] == int(mask.sum())
     assert set(report["outputs"]) >= {f"member_{m}" for m in MEMBERS}
-    print(json.dumps({**numbers, "vote_dice": dice}))
+    print(json.dumps({**numbers, "vote_voxels_differ": differ}))
 
 
 def test_segment_without_flair_skips_factorizer_and_votes_two_members(imported, ref, tmp_path):
@@ -204,8 +200,6 @@ def test_segment_without_flair_skips_factorizer_and_votes_two_members(imported, 
     agree = ref["seals_mask"] == ref["nvauto_mask"]
     expected = np.where(agree, ref["seals_mask"] == 1, (ps + pn) / np.float32(2) >= 0.5)
     mask = _load(out / "lesion_mask.nii.gz")
-    dice = _dice(mask, expected)
-    assert dice >= DICE_MIN, (
-        f"two-member vote: Dice {dice} ({int((mask.astype(bool) != expected).sum())} differ)"
-    )
+    differ = int((mask.astype(bool) != expected).sum())
+    assert differ == 0, f"two-member vote: {differ} voxels differ (Dice {_dice(mask, expected)})"
     assert (expected != ref["vote"].astype(bool)).any()  # it is not the three-member vote
