@@ -55,7 +55,9 @@ def _isolated_weight_store(tmp_path_factory, monkeypatch):
 @pytest.fixture(autouse=True)
 def _packaged_default_models_off(request, monkeypatch, tmp_path_factory):
     """Tests see no packaged default models unless they ask for the ``default_models`` fixture: the classical
-    fallback, "no weights installed" and the official-parity tests stay what they test, and stay fast."""
+    fallback, "no weights installed" and the official-parity tests stay what they test, and stay fast. (This patch
+    is in-process only: test_default_install.py and the demo test run `deepisles` as a fresh process, which sees
+    the packaged models as a normal install does.)"""
     if "default_models" in request.fixturenames:
         return
     from deepisles.members import base
