@@ -150,7 +150,34 @@ def mask_agreement(a_path: Path, b_path: Path, b_threshold: float | None = None)
 
 
 # --- environment ----------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+COMMIT_ENV = "DEEPISLES_COMMIT"  # for copies of the tree without .git (a lent GPU machine): set it to the commit
+
+
+def git_commit() -> dict:
+    """The commit the benchmark ran from: ``git rev-parse HEAD`` and whether tracked files had uncommitted changes
+    (``dirty``); without a git checkout, ``$DEEPISLES_COMMIT`` as given by whoever copied the tree, else unknown."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+        if head.returncode == 0:
+            status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=30)  # fmt: skip
+            return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()), "source": "git"}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if os.environ.get(COMMIT_ENV):
+        return {"commit": os.environ[COMMIT_ENV], "dirty": None, "source": f"${COMMIT_ENV}"}
+    return {"commit": "unknown", "dirty": None, "source": f"no git checkout and no ${COMMIT_ENV}"}
+
+
+def provenance() -> dict:
+    """What every result file records: the commit (:func:`git_commit`) and the machine (:func:`machine_info`)."""
+    return {"commit": git_commit(), "machine": machine_info()}
+
+
 def machine_info() -> dict:
+    """CPU model and cores, memory, GPU (name, memory) if any, torch version and threads, Python, platform, load."""
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -158,6 +185,13 @@ def machine_info() -> dict:
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
     except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except (OSError, ValueError, IndexError):
         pass
     try:
         info["loadavg_start"] = os.getloadavg()

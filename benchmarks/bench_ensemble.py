@@ -45,8 +45,8 @@ from bench_common import (  # noqa: E402
     PhaseMeter,
     dump_json,
     gpu_mem_from_file,
-    machine_info,
     mask_agreement,
+    provenance,
     run_measured,
     tail,
 )
@@ -414,8 +414,10 @@ def summarize(res: dict) -> dict:
         ens["ours_rss_mib"] = max([ours["process"]["peak_rss_mib"]]
                                   + [p.get("peak_rss_mib") or 0 for c in cases for p in c["phases"]]
                                   + [p.get("peak_rss_mib") or 0 for p in ours["load"].values()])
-        if "gpu_peak_alloc_mib_total" in ours:
-            ens["ours_gpu_mib"] = ours["gpu_peak_alloc_mib_total"]
+        if any("gpu_peak_alloc_mib" in c for c in cases):
+            # the phases reset torch's peak statistics, so the process-end max_memory_allocated
+            # (gpu_peak_alloc_mib_total) is the last phase's peak only: take the largest phase peak of any case
+            ens["ours_gpu_mib"] = max(c.get("gpu_peak_alloc_mib", 0) for c in cases)
             ens["ours_gpu_reserved_mib"] = max(c.get("gpu_peak_reserved_mib", 0) for c in cases)
     if len(ok) == len(res["members"]):
         ens["ref_cpu_s"] = round(sum(refs[m]["cpu_s"] for m in ok), 3)
@@ -444,7 +446,8 @@ def print_table(res: dict) -> None:
         hdr += f"{'GPU ours/ref MiB':>19}"
     print(f"\n{res['device']} | {res['machine'].get('gpu') or res['machine'].get('cpu')} | "
           f"{res['machine'].get('cpu_count')} CPUs | torch threads {res['machine'].get('torch_threads')} | "
-          f"counts {res['counts']}{' | FAST' if res['fast'] else ''}")
+          f"counts {res['counts']}{' | FAST' if res['fast'] else ''} | commit {res['commit']['commit'][:12]}"
+          f"{' (uncommitted changes)' if res['commit']['dirty'] else ''}")
     print(hdr)
     for name, row in [*s["members"].items(), ("ENSEMBLE", s["ensemble"])]:
         what = res["what"].get(name, "")
@@ -531,7 +534,7 @@ def main(argv=None):
     logs = wd / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     res = {"device": args.device, "fast": args.fast, "members": members, "counts": counts,
-           "case": str(args.case), "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "case": str(args.case), **provenance(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "flair": "none in the case: the DWI file is given as FLAIR to FACTORIZER (both sides)",
            "what": {}}
     res["build"] = ensure_official(env, wd / "official", counts, logs)
@@ -576,7 +579,7 @@ def main(argv=None):
             raise SystemExit(f"{args.ours_from}: other device or counts ({prev.get('device')}, {prev.get('counts')})")
         res["ours"] = prev["ours"]
         res["ours_from"] = {"file": str(args.ours_from), "started": prev.get("started"),
-                            "machine": prev.get("machine")}
+                            "commit": prev.get("commit"), "machine": prev.get("machine")}
     elif not args.no_ours:
         res["ours"] = run_ours(env, home, members, dwi, adc, run_dir, timeout())
         save()
@@ -586,7 +589,8 @@ def main(argv=None):
         for m, r in (prev.get("reference") or {}).items():
             if r.get("returncode") == 0 and prev.get("counts") == counts:
                 res["reference"][m] = {**r, "from": r.get("from", str(args.reference_from)),
-                                       "started": r.get("started", prev.get("started"))}
+                                       "started": r.get("started", prev.get("started")),
+                                       "commit": r.get("commit", prev.get("commit"))}
     if not args.no_reference:
         order = [m.strip() for m in (args.ref_order or args.members).split(",") if m.strip() in members]
         for m in order:

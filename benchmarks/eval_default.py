@@ -27,6 +27,9 @@ import numpy as np
 from deepisles.api import evaluate, segment, synth
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_common import provenance  # noqa: E402
+
 REAL = REPO.parent / "shared" / "data" / "isles22" / "sub-strokecase0001"
 METHODS = {"default ensemble": "auto", "classical": "classical"}
 
@@ -55,7 +58,8 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deepisles-default-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["DEEPISLES_HOME"] = str(work / "home")  # an empty weight store: "auto" = the packaged defaults
-    result: dict = {"n": args.n, "seed": args.seed, "threads": args.threads, "methods": {}}
+    result: dict = {"n": args.n, "seed": args.seed, "threads": args.threads, **provenance(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": {}}
 
     if REAL.exists():
         print("real ISLES'22 sub-strokecase0001 (DWI + ADC; no FLAIR):")

@@ -5,7 +5,8 @@
 #   performer-pytorch ... copied from the reference environments and patched by
 #   reference/numpy2_compat.py; src/: DeepISLES' src/{SEALS,NVAUTO,FACTORIZER}; fconfigs/: factorizer-isles22's
 #   registry.py + the two training YAMLs; case/: the ISLES'22 case).
-# usage: TOTAL=320 JSON=gpu_full.json bash benchmarks/gpu_run.sh [extra bench_ensemble.py arguments]
+# usage: DEEPISLES_COMMIT=<commit> TOTAL=320 JSON=gpu_full.json bash benchmarks/gpu_run.sh [extra bench_ensemble.py
+#        arguments]; DEEPISLES_COMMIT (the commit of the copied tree, which has no .git) goes into the result file
 set -u
 T0=$SECONDS
 OUTD=${OUT:-/tmp/bench_out}; mkdir -p "$OUTD"
