@@ -514,6 +514,76 @@ def weights_download(
     out.print(f"saved {path}; next: deepisles weights import {path}")
 
 
+reader_app = typer.Typer(help="Blinded reader study: two masks per case side by side in one offline page; unblind the "
+                              "ratings (docs/validation.md).", no_args_is_help=True)
+app.add_typer(reader_app, name="reader-study")
+
+
+@reader_app.command("build")
+@_friendly
+def reader_study_build(
+    cases: Annotated[Path, typer.Option("--cases", help="CSV (or .tsv) with the columns case, dwi, adc, mask_a, mask_b; paths relative to its folder.")],
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Study folder: study.html (for the raters) and key.json (keep it: it unblinds).")],
+    label_a: Annotated[str, typer.Option("--label-a", help="Name of the source of mask_a (e.g. expert).")] = "A",
+    label_b: Annotated[str, typer.Option("--label-b", help="Name of the source of mask_b (e.g. model).")] = "B",
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of case order and sides (default: a random one, recorded in key.json).")] = None,
+    slices: Annotated[int, typer.Option("--slices", help="Axial slices shown per case, spread over the lesions of either mask.", min=1)] = 3,
+    title: Annotated[str, typer.Option("--title", help="Heading of the page.")] = "Blinded segmentation reader study",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a study already in the folder.")] = False,
+) -> None:
+    """Build study.html (blinded: random case order and sides, no labels or file names) and its key.json."""
+    from rich.progress import Progress
+
+    from deepisles.validation.reader_study import HTML_NAME, KEY_NAME, build_study
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("rendering cases", total=None)
+        summary = build_study(cases, outdir, label_a=label_a, label_b=label_b, seed=seed, slices=slices,
+                              title=title, overwrite=overwrite, progress=_Bar(bar, task))
+    for note in summary.notes:
+        _line("note:", "yellow", note)
+    for ex in summary.excluded:
+        _line("excluded:", "yellow", f"case {ex['case']}: {ex['reason']}")
+    out.print(f"study {summary.study}: {summary.cases} case(s) in {outdir / HTML_NAME} (send to the raters); "
+              f"unblinding key {outdir / KEY_NAME} (keep it)")
+
+
+@reader_app.command("analyze")
+@_friendly
+def reader_study_analyze(
+    ratings: Annotated[list[Path], typer.Argument(help="Ratings CSV file(s) exported from study.html.")],
+    key: Annotated[Path, typer.Option("--key", help="The study's key.json.")],
+    outdir: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for reader_study.json and reader_study.csv.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results already in the folder.")] = False,
+) -> None:
+    """Unblind the ratings: preference shares per rater and overall, binomial test, scores, inter-rater kappa."""
+    from deepisles.validation.reader_study_analyze import analyze, table_rows, write_results
+
+    result = analyze(key, ratings)
+    rows = table_rows(result)
+    table = Table(title=f"reader study {result['study']}: {result['labels']['A']} vs {result['labels']['B']}, "
+                        f"{result['cases']} case(s)")
+    table.add_column("")
+    for r in rows:  # a column per rater (few), a row per measure (many)
+        table.add_column(str(r["rater"]), overflow="fold")
+    for name in list(rows[0])[1:]:
+        table.add_row(name, *("–" if r[name] is None else f"{r[name]:.4g}" if isinstance(r[name], float)
+                              else str(r[name]) for r in rows))
+    out.print(table)
+    ag = result["agreement"]
+    kappa = "undefined" if ag["kappa"] is None else f"{ag['kappa']:.3f}"
+    out.print(f"agreement: {ag['method'] or '-'} {kappa} over {ag['cases']} case(s) decided by all {ag['raters']} "
+              f"rater(s)" + (f" ({ag['note']})" if ag.get("note") else ""))
+    out.print(f"test: {result['test']}")
+    for note in result["notes"]:
+        _line("note:", "yellow", note)
+    for ex in result["excluded_at_build"]:
+        _line("excluded at build:", "yellow", f"case {ex['case']}: {ex['reason']}")
+    if outdir is not None:
+        j, c = write_results(result, outdir, overwrite=overwrite)
+        out.print(f"wrote {j} and {c}")
+
+
 @app.command()
 def version() -> None:
     """Print the deepisles version."""
