@@ -416,6 +416,47 @@ def batch(
         raise typer.Exit(1)
 
 
+@app.command()
+@_friendly
+def cohort(
+    batch_output: Annotated[Path, typer.Argument(help="Output root of a finished `deepisles batch` (holds cohort.tsv and sub-*/…).")],
+    participants: Annotated[Path, typer.Option("--participants", help="participants.tsv with participant_id (optionally session_id) and clinical columns.")],
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Folder for the statistics (CSV/JSON), pictures, frequency map and HTML page.")],
+    nihss: Annotated[str | None, typer.Option("--nihss", help="Column of the NIHSS at admission (default: the one column whose name contains 'nihss').")] = None,
+    mrs: Annotated[str | None, typer.Option("--mrs", help="Column of the mRS at 90 days (default: the one column named like 'mrs', e.g. mRS_90d).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="ISLES'22/BIDS dataset with the expert masks (sub-*[_ses-*]_msk.nii[.gz], e.g. under derivatives/): adds expert volumes and the predicted-vs-expert difference test.")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% CIs.", min=100)] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier cohort results in the output folder.")] = False,
+) -> None:
+    """Lesion volume, count and per-lobe volumes of a batch run against NIHSS / mRS: Spearman rho with bootstrap CIs, scatter plots, lesion frequency map in MNI space, HTML + CSV/JSON (docs/validation.md)."""
+    from deepisles.validation.cohort import run_cohort
+
+    with err.status("cohort statistics") as status:
+        result = run_cohort(batch_output, participants, outdir, nihss=nihss, mrs=mrs, reference=reference,
+                            n_boot=bootstrap, seed=seed, overwrite=overwrite, progress=_StatusLine(status))
+    table = Table(title=f"Spearman rho, 95% bootstrap CI ({len(result.subjects)} subjects)")
+    for col in ("score", "biomarker", "n", "rho [95% CI]", "p"):
+        table.add_column(col)
+    for r in result.statistics:
+        if r["biomarker"] in ("volume_ml", "count") or r["rho"] is not None:
+            rho = r["note"] if r["rho"] is None else f"{r['rho']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            name = r["biomarker"] if r["source"] == "predicted" else f"{r['biomarker']} (expert)"
+            table.add_row(r["score"], name, str(r["n"]), rho, "" if r["p"] is None else f"{r['p']:.3g}")
+    out.print(table)
+    for d in result.differences:
+        if d["diff"] is not None:
+            out.print(f"{d['score']} {d['biomarker']}: rho predicted - expert = {d['diff']:.3f} "
+                      f"(95% CI {d['ci_low']:.3f} – {d['ci_high']:.3f}, bootstrap p = {d['p_boot']:.3g}, n = {d['n']})")
+        else:
+            out.print(f"{d['score']} {d['biomarker']}: predicted vs expert not tested ({d['note']})")
+    for e in result.exclusions:
+        case = e["participant_id"] + (f" {e['session_id']}" if e["session_id"] else "")
+        out.print(f"excluded {case} from {e['excluded_from']}: {e['reason']}", highlight=False, soft_wrap=True)
+    out.print(f"frequency map: {result.map_n} subject(s) -> {result.files['frequency_nifti']}")
+    out.print(f"report: {result.files['html']}")
+
+
 weights_app = typer.Typer(help="Manage model weights: import the official DeepISLES weights, list, download.",
                           no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
