@@ -55,10 +55,23 @@ def test_weights_import_of_a_7z_archive(archive):
     for name in MEMBERS:
         meta, folder = store.read_member(name, verify=True)
         assert meta["member"] == name and meta["files"]
+        assert meta["source"].startswith(f"{archive.resolve()}:weights/")  # not the deleted unpack folder
     # the unpacked copy is gone: only the members' folders are left in the store
     assert sorted(p.name for p in store.weights_dir().iterdir()) == sorted(MEMBERS)
     again = runner.invoke(app, ["weights", "import", str(archive)])
     assert again.exit_code == 2 and "already installed" in again.output
+
+
+def test_weights_import_of_a_7z_with_one_top_level_folder(tmp_path):
+    """An archive that wraps everything in one folder (stroke_ensemble_weights/weights/...) imports too."""
+    from deepisles.weights import store
+
+    path = tmp_path / "wrapped.7z"
+    with py7zr.SevenZipFile(path, "w") as z:
+        z.writeall(SOURCES["NVAUTO"], "stroke_ensemble_weights/weights/NVAUTO")
+    res = runner.invoke(app, ["weights", "import", str(path), "--members", "nvauto"])
+    assert res.exit_code == 0, res.output
+    assert store.installed_members() == ["nvauto"]
 
 
 def test_weights_info_verify_passes_then_fails_on_a_corrupted_file(archive):

@@ -333,6 +333,12 @@ class NvautoMember(StoredMember):
         self.model_names = [m.file for m in config.models]
         self.amp = bool(self.settings.amp) if amp is None else amp
         self._importance: torch.Tensor | None = None
+        st = self.settings  # the description says what this store really runs (official 1 mm/192x192x128, or not)
+        self.description = (
+            f"NVAUTO (ISLES'22): ensemble of MONAI SegResNets on [ADC, DWI] resampled to "
+            f"{'x'.join(f'{v:g}' for v in st.pixdim)} mm, z-scored, Gaussian-blended "
+            f"{'x'.join(str(int(v)) for v in st.roi_size)} sliding windows, softmax averaged on the DWI grid"
+        )
 
     @property
     def models(self) -> list[torch.nn.Module]:

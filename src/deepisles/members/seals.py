@@ -542,7 +542,8 @@ class SealsMember(StoredMember):
     def preprocess(self, case: Case, label: np.ndarray | None = None) -> tuple[np.ndarray | None, SealsContext]:
         pre = self.settings.preprocessing
         data_1mm, size, spacing, wrapped = to_1mm(case)
-        info = {"grid_1mm": size, "folds": [m.fold for m in self.config.models], "mirroring": not self.fast,
+        mirroring = bool(not self.fast and self.settings.inference.mirror_axes)  # the default model has no axes
+        info = {"grid_1mm": size, "folds": [m.fold for m in self.config.models], "mirroring": mirroring,
                 "device": str(self.device)}
         if wrapped:
             info["deviation"] = ("DeepISLES would wrap the 1 mm grid size modulo 256 (uint8) here and lose part "

@@ -68,6 +68,27 @@ def extract_7z(archive: Path, into: Path) -> Path:
     return into
 
 
+def _record_archive_source(member_folder: Path, archive: Path, inside: Path) -> None:
+    """Rewrite ``member.json``'s ``source`` (which named the temporary unpack folder) as ``ARCHIVE:PATH``."""
+    import json
+
+    from deepisles.io.write import write_json_atomic
+
+    meta_path = member_folder / store.MEMBER_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["source"] = f"{Path(archive).resolve()}:{inside.as_posix()}"
+    write_json_atomic(meta_path, meta)
+
+
+def _archive_root(root: Path, converters: dict) -> Path:
+    """``root``, or the single folder an archive wraps everything in (``stroke_ensemble_weights/weights/...``)
+    when no member is found at ``root`` itself."""
+    if any(conv.locate(root) is not None for conv in converters.values()):
+        return root
+    subdirs = [p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return subdirs[0] if len(subdirs) == 1 else root
+
+
 def import_weights(
     path: Path,
     members: tuple[str, ...] | None = None,
@@ -92,6 +113,7 @@ def import_weights(
             root = extract_7z(path, tmp)
         else:
             root = path
+        root = _archive_root(root, converters)
         results: dict[str, str] = {}
         for name, conv in converters.items():
             folder = conv.locate(root)
@@ -100,6 +122,8 @@ def import_weights(
                 continue
             say(f"{name}: importing from {folder} (reads the official pickled checkpoints once)")
             results[name] = str(conv.import_official(folder, overwrite=overwrite))
+            if tmp is not None:  # the unpack folder is deleted below: record the archive as the source
+                _record_archive_source(Path(results[name]), path, folder.relative_to(tmp))
         if all(not Path(v).exists() for v in results.values()):
             raise DeepIslesError(f"{path}: no DeepISLES member weights found (looked for {', '.join(members)})")
         return results
