@@ -95,7 +95,7 @@ def test_fine_tune_from_the_default_model(default_models, tmp_path):
     cfg = TrainConfig(member="seals", out=tmp_path / "ft", init="default", iterations=2, batch_size=1, val_every=0,
                       checkpoint_every=2, pool_size=1, refresh_every=0, device="cpu", patch=[32, 32, 32],
                       install=False)  # fmt: skip
-    summary = train(cfg, progress=False)
+    summary = train(cfg)
     start = load_file(str(default_models / "seals" / "fold_0.safetensors"))
     tuned = load_file(summary["weights"])
     diffs = [float((start[k] - tuned[k]).abs().max()) for k in start]

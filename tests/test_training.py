@@ -142,14 +142,14 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "_batch", crashing)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
+        train(cfg)
     state = json.loads((cfg.run_dir / "checkpoint" / "state.json").read_text())
     assert state["iteration"] == 2 and not (cfg.run_dir / "final.json").exists()
     with pytest.raises(DeepIslesError, match="--resume"):
-        train(cfg, progress=False)
+        train(cfg)
     monkeypatch.setattr(loop, "_batch", real_batch)
     cfg.resume = True
-    summary = train(cfg, progress=False)
+    summary = train(cfg)
     assert summary["iterations"] == 4
     state = json.loads((cfg.run_dir / "checkpoint" / "state.json").read_text())
     assert state["iteration"] == 4
@@ -166,7 +166,7 @@ def test_synthetic_training_each_member_writes_a_store_member(tmp_path):
 
     for member in ("factorizer",):  # seals (dataset) and nvauto (resume) are covered above
         cfg = _small(member=member, out=tmp_path / member, iterations=2, val_every=2, checkpoint_every=2)
-        summary = train(cfg, progress=False)
+        summary = train(cfg)
         assert summary["data"] == "synthetic" and summary["val_cases"] == 1
         meta, folder = store.read_member_folder(Path(summary["member_folder"]), verify=True)
         assert [m["arch"] for m in meta["models"]] == ["resunet"]
@@ -187,7 +187,7 @@ def test_finetune_from_official_format_weights(tmp_path):
     start = load_file(str(official_folder / "fold_0.safetensors"))
     cfg = _small(member="seals", out=tmp_path / "ft", init="official", iterations=2, val_every=0,
                  checkpoint_every=2, patch=[24, 32, 32])  # fmt: skip
-    summary = train(cfg, progress=False)
+    summary = train(cfg)
     tuned = load_file(summary["weights"])
     assert set(tuned) == set(start)
     moved = [k for k in start if not torch.equal(start[k], tuned[k])]
@@ -198,7 +198,7 @@ def test_finetune_from_official_format_weights(tmp_path):
 
     cfg = _small(member="nvauto", out=tmp_path / "ftnv", init="official", iterations=2, val_every=0,
                  checkpoint_every=2, patch=[32, 32, 32])  # fmt: skip
-    summary = train(cfg, progress=False)
+    summary = train(cfg)
     assert summary["weights"].endswith("model0.safetensors")
     from deepisles.members.nvauto import NvautoMember
     from deepisles.weights.import_nvauto import read_model
@@ -243,7 +243,7 @@ def test_ddp_two_processes_on_cpu_gloo(tmp_path):
         "cfg = loop.TrainConfig(member='seals', out=Path(sys.argv[1]), iterations=2, batch_size=1, val_every=0,\n"
         "                       checkpoint_every=2, pool_size=1, refresh_every=0, val_cases=0, device='cpu',\n"
         "                       patch=[32, 32, 32], install=False)\n"
-        "s = loop.train(cfg, progress=False)\n"
+        "s = loop.train(cfg)\n"
         "rank = int(os.environ['RANK'])\n"
         "state = {k: v.detach().contiguous() for k, v in seen['t'].network.state_dict().items()}\n"
         "save_file(state, str(Path(sys.argv[1]) / f'rank{rank}.safetensors'))\n"
