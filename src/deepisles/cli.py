@@ -479,7 +479,7 @@ def weights_import(
 
     names = registry.importable_members() if members is None else tuple(m.strip() for m in members.split(",") if m.strip())
     for name in names:
-        registry.spec(name, registry.importable_members(), "importable member")
+        registry.spec(name, registry.importable_members(), "member to import")
     results = import_weights(path, names, overwrite=overwrite, say=lambda m: err.print(m, highlight=False, soft_wrap=True))
     for name, where in results.items():
         out.print(f"{name}: {where}")
