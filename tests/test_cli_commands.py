@@ -45,7 +45,7 @@ def archive(tmp_path_factory) -> Path:
 
 
 def test_weights_import_of_a_7z_archive(archive):
-    from deepisles.weights import store
+    from deepisles import store
 
     res = runner.invoke(app, ["weights", "import", str(archive)])
     assert res.exit_code == 0, res.output
@@ -64,7 +64,7 @@ def test_weights_import_of_a_7z_archive(archive):
 
 def test_weights_import_of_a_7z_with_one_top_level_folder(tmp_path):
     """An archive that wraps everything in one folder (stroke_ensemble_weights/weights/...) imports too."""
-    from deepisles.weights import store
+    from deepisles import store
 
     path = tmp_path / "wrapped.7z"
     with py7zr.SevenZipFile(path, "w") as z:
@@ -75,7 +75,7 @@ def test_weights_import_of_a_7z_with_one_top_level_folder(tmp_path):
 
 
 def test_weights_info_verify_passes_then_fails_on_a_corrupted_file(archive):
-    from deepisles.weights import store
+    from deepisles import store
 
     res = runner.invoke(app, ["weights", "import", str(archive), "--members", "nvauto"])
     assert res.exit_code == 0, res.output

@@ -18,7 +18,7 @@ MEMBERS = ["seals", "nvauto", "factorizer"]
 
 
 def test_packaged_models_are_small_and_verified(default_models):
-    from deepisles.weights import store
+    from deepisles import store
 
     total = 0
     for m in MEMBERS:

@@ -20,7 +20,8 @@ from deepisles.members.config import ConfigError, MemberConfig
 from deepisles.members.factorizer import FactorizerMember
 from deepisles.members.nvauto import NvautoMember, NvautoSettings
 from deepisles.members.seals import SealsMember
-from deepisles.weights import import_factorizer, import_nvauto, import_seals, store
+from deepisles import store
+from deepisles.weights import import_factorizer, import_nvauto, import_seals
 
 FIX = Path(__file__).parent / "fixtures"
 V1 = FIX / "store_v1"

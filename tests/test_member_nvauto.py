@@ -25,7 +25,8 @@ from deepisles.members.nvauto import (
     spacing_target,
     zoom_affine,
 )
-from deepisles.weights import import_nvauto, store
+from deepisles import store
+from deepisles.weights import import_nvauto
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "nvauto"
 

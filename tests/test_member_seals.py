@@ -21,7 +21,8 @@ from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.seals import SealsMember, _pixdim_like, deepisles_grid_size
 from deepisles.preprocess.inputs import load_inputs
-from deepisles.weights import import_seals, store
+from deepisles import store
+from deepisles.weights import import_seals
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "seals"
 TRAINER_DIR = "weights/SEALS/nnUNet_trained_models/nnUNet/3d_fullres/Task012_Ischemic_Stroke_TM_Fullset"

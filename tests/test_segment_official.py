@@ -155,7 +155,7 @@ def test_weights_import_official_layout_and_list(imported):
     res = _invoke(["weights", "list"])
     for name in MEMBERS:
         assert name in res.stdout
-    from deepisles.weights import store
+    from deepisles import store
 
     assert sorted(store.installed_members()) == sorted(MEMBERS)
     for name in MEMBERS:

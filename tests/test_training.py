@@ -58,7 +58,7 @@ def test_cli_train_on_isles_layout_installs_a_member_segment_uses(dataset, tmp_p
     rows = _log(out / "fold_1" / "log.csv")
     assert rows[-1]["iteration"] == "3" and rows[-1]["val_cases"] == "1"
     assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0 and np.isfinite(float(rows[-1]["loss"]))
-    from deepisles.weights import store
+    from deepisles import store
 
     meta, folder = store.read_member("seals", verify=True)
     assert [m["fold"] for m in meta["models"]] == [1] and meta["origin"]["kind"] == "trained"
@@ -162,7 +162,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
 
 def test_synthetic_training_each_member_writes_a_store_member(tmp_path):
     from deepisles.members.factorizer import FactorizerMember
-    from deepisles.weights import store
+    from deepisles import store
 
     for member in ("factorizer",):  # seals (dataset) and nvauto (resume) are covered above
         cfg = _small(member=member, out=tmp_path / member, iterations=2, val_every=2, checkpoint_every=2)
@@ -181,7 +181,7 @@ def test_finetune_from_official_format_weights(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["weights", "import", str(OFFICIAL / "nvauto" / "weights")])
     assert res.exit_code == 0, res.output
-    from deepisles.weights import store
+    from deepisles import store
 
     official_meta, official_folder = store.read_member("seals")
     start = load_file(str(official_folder / "fold_0.safetensors"))

@@ -22,7 +22,7 @@ import deepisles.training.loop as loop
 import deepisles.training.synthetic as synthetic
 from deepisles.core import Case
 from deepisles.io.image import Image
-from deepisles.weights import store
+from deepisles import store
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SHAPE = (40, 40, 32)

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.nvauto import DEFAULT_CONFIG, NvautoMember
-from deepisles.weights import import_nvauto, store
+from deepisles import store
+from deepisles.weights import import_nvauto
 from deepisles.weights.restricted import module_tensors, read_torchscript
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"

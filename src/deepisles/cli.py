@@ -475,7 +475,7 @@ def weights_import(
     containers only; nothing from the files is run); a .7z is unpacked only after every member name is checked."""
     from deepisles.members import registry
     from deepisles.weights.importer import import_weights
-    from deepisles.weights.store import weights_dir
+    from deepisles.store import weights_dir
 
     names = registry.importable_members() if members is None else tuple(m.strip() for m in members.split(",") if m.strip())
     for name in names:
@@ -490,7 +490,7 @@ def weights_import(
 @_friendly
 def weights_list() -> None:
     """List the members installed in the store, and the packaged default models used where none is installed."""
-    from deepisles.weights import store
+    from deepisles import store
 
     table = Table(title=f"weights in {store.weights_dir()}")
     for col in ("member", "models", "source", "size (MB)"):
@@ -520,7 +520,7 @@ def weights_info(
     import json
 
     from deepisles.members import registry
-    from deepisles.weights import store
+    from deepisles import store
 
     registry.spec(member, registry.deep_members(), "member with stored weights")
     try:

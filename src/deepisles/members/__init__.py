@@ -72,7 +72,7 @@ def resolve_members(
     if auto:
         # imported/trained weights win; the packaged default models are used only when none is installed,
         # so an ensemble never mixes validated and default models without being asked to
-        from deepisles.weights.store import installed_members
+        from deepisles.store import installed_members
 
         installed = [n for n in names if n in installed_members()]
         if installed:

@@ -144,7 +144,7 @@ def read_stored_member(name: str, allow_default: bool = True) -> tuple[dict, Pat
     default model; ``MemberUnavailable`` (with the reason that goes into the report) when neither exists or the
     entry is broken."""
     from deepisles.errors import DeepIslesError
-    from deepisles.weights import store
+    from deepisles import store
 
     try:
         return store.read_member(name)
@@ -253,7 +253,7 @@ class StoredMember(Member):
     @classmethod
     def from_folder(cls, folder: Path, device: str = "cpu", fast: bool = False, **options):
         """The member stored in ``folder`` (the store's, a packaged or an exported one)."""
-        from deepisles.weights import store
+        from deepisles import store
 
         meta, folder = store.read_member_folder(folder)
         return cls.from_config(cls.parse(meta, Path(folder) / "member.json"), folder, device, fast, **options)

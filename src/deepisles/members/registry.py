@@ -6,8 +6,8 @@ trainable by ``deepisles train``) and, as a module path, the importer of its off
 ``resolve_members``, ``deepisles weights list``/``import``, ``deepisles train`` and the weight importer all read
 this table; adding a member is one entry here plus the member's own files (docs/members-contract.md).
 
-Dependency direction: ``weights.store`` (the on-disk format) <- ``members`` <- ``weights.import_*`` /
-``weights.importer``. The importer paths are resolved by ``weights.importer``, never by ``members``.
+Dependency direction: ``store`` (the on-disk format) <- ``members`` <- ``weights`` (``weights.import_*``,
+``weights.importer``): members never import the weights package. The importer paths are resolved by ``weights.importer``, never by ``members``.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def validate(trainable: Trainable, cases: list[tuple], device: torch.device) -> 
 def _check_install_target(cfg: TrainConfig) -> None:
     if not cfg.install:
         return
-    from deepisles.weights import store
+    from deepisles import store
 
     try:
         meta, _ = store.read_member(cfg.member)
@@ -430,7 +430,7 @@ def _jsonable(cfg: TrainConfig) -> dict:
 def _finish(cfg: TrainConfig, trainable: Trainable, summary: dict) -> dict:
     """Final weights of this fold, the member folder with every finished fold, and its installation."""
     from deepisles.io.write import write_json_atomic
-    from deepisles.weights import store
+    from deepisles import store
 
     run_dir = cfg.run_dir
     fname = trainable.weight_file()

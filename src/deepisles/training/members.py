@@ -111,7 +111,7 @@ def _start(member: str, init: str) -> tuple[MemberConfig, Path | None]:
     cls = s.runtime_class()
     if init == "none":
         return cls.parse(s.compact_recipe(), f"{member} compact recipe"), None
-    from deepisles.weights import store
+    from deepisles import store
 
     if init == "official":
         try:

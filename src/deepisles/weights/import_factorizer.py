@@ -51,7 +51,7 @@ from deepisles.members.nets.factorizer_nets import (
     describe_network,
     spec_name,
 )
-from deepisles.weights import store
+from deepisles import store
 from deepisles.weights.restricted import TORCH_REBUILD, StandIn, stand_in
 from deepisles.weights.restricted import StandInMeta as _StandInMeta
 

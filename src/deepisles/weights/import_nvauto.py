@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.nvauto import NAME, REFERENCE_INPUTS, NvautoMember, NvautoSettings, build_segresnet
-from deepisles.weights import store
+from deepisles import store
 from deepisles.weights.restricted import (
     StandIn,
     class_name,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from deepisles.errors import DeepIslesError
 from deepisles.members.seals import SealsMember
-from deepisles.weights import store
+from deepisles import store
 
 log = logging.getLogger(__name__)
 

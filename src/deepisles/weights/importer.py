@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deepisles.errors import DeepIslesError
 from deepisles.members.registry import importable_members, spec
-from deepisles.weights import store
+from deepisles import store
 
 
 def _converter(name: str):
