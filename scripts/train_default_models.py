@@ -46,8 +46,8 @@ def _train_one(member: str, args: argparse.Namespace) -> dict:
 
 
 def package(member: str, out: Path) -> Path:
-    from deepisles.members.base import DEFAULT_MODELS_NOTE
     from deepisles import store
+    from deepisles.members.base import DEFAULT_MODELS_NOTE
 
     meta, folder = store.read_member_folder(out / member / "member")
     meta = {k: v for k, v in meta.items() if k not in ("files", "format", "member")}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+from deepisles import store
 from deepisles.io.hashing import sha256_file, sha256_files, sha256_path
 from deepisles.outputs.report import files_sha256
-from deepisles import store
 
 
 def test_file_digest_is_hashlib_of_the_bytes_across_chunks(tmp_path):

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepisles import store
 from deepisles.members import base, resolve_members
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.config import ConfigError, MemberConfig
 from deepisles.members.factorizer import FactorizerMember
 from deepisles.members.nvauto import NvautoMember, NvautoSettings
 from deepisles.members.seals import SealsMember
-from deepisles import store
 from deepisles.weights import import_factorizer, import_nvauto, import_seals
 
 FIX = Path(__file__).parent / "fixtures"

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepisles import store
 from deepisles.core import Case
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.factorizer import FactorizerMember, normalize_nonzero, resized_shape
 from deepisles.weights import import_factorizer as imp
-from deepisles import store
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "factorizer"
 MODELS = ["fold0_resunet", "fold1_resunet", "fold0_swin-factorizer", "fold1_swin-factorizer"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepisles import store
 from deepisles.core import Case
 from deepisles.engine.sliding_window import monai09_gaussian
 from deepisles.errors import DeepIslesError
@@ -25,7 +26,6 @@ from deepisles.members.nvauto import (
     spacing_target,
     zoom_affine,
 )
-from deepisles import store
 from deepisles.weights import import_nvauto
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "nvauto"

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepisles import store
 from deepisles.core import Case
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.seals import SealsMember, _pixdim_like, deepisles_grid_size
 from deepisles.preprocess.inputs import load_inputs
-from deepisles import store
 from deepisles.weights import import_seals
 
 FIX = Path(__file__).parent / "fixtures" / "official" / "seals"

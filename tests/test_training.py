@@ -161,8 +161,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
 
 
 def test_synthetic_training_each_member_writes_a_store_member(tmp_path):
-    from deepisles.members.factorizer import FactorizerMember
     from deepisles import store
+    from deepisles.members.factorizer import FactorizerMember
 
     for member in ("factorizer",):  # seals (dataset) and nvauto (resume) are covered above
         cfg = _small(member=member, out=tmp_path / member, iterations=2, val_every=2, checkpoint_every=2)

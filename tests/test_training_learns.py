@@ -20,9 +20,9 @@ import torch
 
 import deepisles.training.loop as loop
 import deepisles.training.synthetic as synthetic
+from deepisles import store
 from deepisles.core import Case
 from deepisles.io.image import Image
-from deepisles import store
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SHAPE = (40, 40, 32)

@@ -29,10 +29,10 @@ import torch
 from monai.networks.nets import SegResNet
 from safetensors.torch import load_file
 
+from deepisles import store
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.nvauto import DEFAULT_CONFIG, NvautoMember
-from deepisles import store
 from deepisles.weights import import_nvauto
 from deepisles.weights.restricted import module_tensors, read_torchscript
 

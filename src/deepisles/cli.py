@@ -474,8 +474,8 @@ def weights_import(
     This is the only step that reads the official checkpoints, with restricted readers (tensors and plain
     containers only; nothing from the files is run); a .7z is unpacked only after every member name is checked."""
     from deepisles.members import registry
-    from deepisles.weights.importer import import_weights
     from deepisles.store import weights_dir
+    from deepisles.weights.importer import import_weights
 
     names = registry.importable_members() if members is None else tuple(m.strip() for m in members.split(",") if m.strip())
     for name in names:
@@ -519,8 +519,8 @@ def weights_info(
     """Show a member's stored description (inputs, preprocessing, architecture, files)."""
     import json
 
-    from deepisles.members import registry
     from deepisles import store
+    from deepisles.members import registry
 
     registry.spec(member, registry.deep_members(), "member with stored weights")
     try:

@@ -143,8 +143,8 @@ def read_stored_member(name: str, allow_default: bool = True) -> tuple[dict, Pat
     """``(member.json as stored, folder)`` of an installed member, else (``allow_default``) of the packaged
     default model; ``MemberUnavailable`` (with the reason that goes into the report) when neither exists or the
     entry is broken."""
-    from deepisles.errors import DeepIslesError
     from deepisles import store
+    from deepisles.errors import DeepIslesError
 
     try:
         return store.read_member(name)

@@ -429,8 +429,8 @@ def _jsonable(cfg: TrainConfig) -> dict:
 
 def _finish(cfg: TrainConfig, trainable: Trainable, summary: dict) -> dict:
     """Final weights of this fold, the member folder with every finished fold, and its installation."""
-    from deepisles.io.write import write_json_atomic
     from deepisles import store
+    from deepisles.io.write import write_json_atomic
 
     run_dir = cfg.run_dir
     fname = trainable.weight_file()

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepisles import store
 from deepisles.errors import DeepIslesError
 from deepisles.members.factorizer import NAME, REFERENCE_INPUTS, FactorizerMember, FactorizerSettings
 from deepisles.members.nets.factorizer_nets import (
@@ -51,7 +52,6 @@ from deepisles.members.nets.factorizer_nets import (
     describe_network,
     spec_name,
 )
-from deepisles import store
 from deepisles.weights.restricted import TORCH_REBUILD, StandIn, stand_in
 from deepisles.weights.restricted import StandInMeta as _StandInMeta
 

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepisles import store
 from deepisles.errors import DeepIslesError
 from deepisles.members.base import MemberUnavailable
 from deepisles.members.nvauto import NAME, REFERENCE_INPUTS, NvautoMember, NvautoSettings, build_segresnet
-from deepisles import store
 from deepisles.weights.restricted import (
     StandIn,
     class_name,

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepisles import store
 from deepisles.errors import DeepIslesError
 from deepisles.members.seals import SealsMember
-from deepisles import store
 
 log = logging.getLogger(__name__)
 

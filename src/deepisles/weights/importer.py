@@ -11,9 +11,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from deepisles import store
 from deepisles.errors import DeepIslesError
 from deepisles.members.registry import importable_members, spec
-from deepisles import store
 
 
 def _converter(name: str):
