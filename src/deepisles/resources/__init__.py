@@ -14,7 +14,6 @@ Arrays are cached per process and returned read-only.
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -23,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from deepisles.errors import DeepIslesError
+from deepisles.io.hashing import sha256_file
 
 __all__ = ["FILES", "MNI152_KINDS", "aal3", "data_path", "mni152", "mni152_brain", "sha256", "verify"]
 
@@ -69,11 +69,7 @@ def data_path(name: str) -> Path:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def verify() -> dict[str, bool]:
