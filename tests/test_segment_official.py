@@ -180,6 +180,16 @@ def test_segment_save_members_reproduces_every_member_and_the_vote(imported, ref
     assert float(np.abs(prob - mean_ref).max()) <= PROB_TOL
     assert report["lesions"]["voxels"] == int(mask.sum())
     assert set(report["outputs"]) >= {f"member_{m}" for m in MEMBERS}
+    # agreement: every stored network votes (SEALS folds, NVAUTO models, FACTORIZER models, as member.json lists)
+    from deepisles import store
+
+    counts = {m: len(store.read_member(m)[0]["models"]) for m in MEMBERS}
+    assert report["uncertainty"]["networks"] == counts and min(counts.values()) >= 2
+    agree = _load(out / "lesion_agreement.nii.gz").astype(np.float64)
+    total = sum(counts.values())
+    assert agree.shape == mask.shape and np.allclose(agree * total, np.round(agree * total), atol=1e-4)
+    assert mask[agree == 1].all() and not mask[agree == 0].any()  # unanimous networks decide the vote
+    assert 0 < int(((agree > 0) & (agree < 1)).sum())
     print(json.dumps({**numbers, "vote_voxels_differ": differ}))
 
 

@@ -184,14 +184,14 @@ def _read_json(path: Path) -> dict | None:
 
 def finished_sidecar(outroot: Path, names: CaseNames, verify: bool = True) -> dict | None:
     """The mask sidecar of a finished case, or None. A case is finished when its mask sidecar lists the
-    SHA-256 of the mask, probseg, probseg sidecar and report, and (``verify``) those files match it."""
+    SHA-256 of the mask, probseg, agreement map, probseg sidecar and report, and (``verify``) those files match it."""
     from deepisles.io.hashing import sha256_file
 
     folder = outroot / names.folder
     sidecar = _read_json(folder / names.mask_json)
     ours = (sidecar or {}).get("deepisles")
     sums = ours.get("sha256") if isinstance(ours, dict) else None
-    expected = {names.mask, names.probseg, names.probseg_json, names.report}
+    expected = {names.mask, names.probseg, names.agreement, names.probseg_json, names.report}
     if not isinstance(sums, dict) or set(sums) != expected:
         return None
     for name, digest in sums.items():

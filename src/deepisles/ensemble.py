@@ -5,6 +5,10 @@ masks say so (>= 2 of 3). One member alone: its own mask. With an even number of
 half) is broken by the mean of the members' probabilities (lesion when >= 0.5); for two members that
 means: lesion where both agree, and where they disagree, where their mean probability is >= 0.5.
 The ensemble probability written to ``lesion_prob.nii.gz`` is the mean of the member probabilities.
+
+Agreement (``lesion_agreement.nii.gz``): per voxel, the share of all networks of the run members that vote lesion
+(each network decided by its member's rule on its own; a member without several networks is one vote), pooled
+over the members: with the official weights 5 SEALS folds + 15 NVAUTO models + 10 FACTORIZER models = 30.
 """
 
 from __future__ import annotations
@@ -33,3 +37,21 @@ def combine(results: list[MemberResult]) -> tuple[np.ndarray, np.ndarray, str]:
     if n % 2 == 0:
         mask |= (2 * votes == n) & (prob >= 0.5)
     return mask.astype(np.uint8), prob, RULE
+
+
+def agreement(results: list[MemberResult]) -> tuple[np.ndarray, dict[str, int]]:
+    """(float32 share in [0, 1] of the members' networks voting lesion per voxel, networks counted per member)."""
+    if not results:
+        raise ValueError("no member results to combine")
+    shape = results[0].mask.shape
+    total = np.zeros(shape, dtype=np.uint16)
+    networks: dict[str, int] = {}
+    for r in results:
+        votes = np.asarray(r.votes)
+        if votes.shape != shape:
+            raise ValueError(f"member {r.name}: votes of shape {votes.shape}, the other members' {shape}")
+        if r.networks < 1 or int(votes.max(initial=0)) > r.networks:
+            raise ValueError(f"member {r.name}: vote count above its {r.networks} network(s)")
+        total += votes
+        networks[r.name] = int(r.networks)
+    return (total / np.float64(sum(networks.values()))).astype(np.float32), networks

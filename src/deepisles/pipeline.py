@@ -28,7 +28,9 @@ from deepisles.io.load import LoadedInputs
 from deepisles.io.read import DEFAULT_MAX_VOXELS
 from deepisles.progress import Progress, Silent
 
-OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv", "preview.png", "report.html")
+OUTPUT_NAMES = ("lesion_mask.nii.gz", "lesion_prob.nii.gz", "lesion_agreement.nii.gz", "report.json", "lesions.csv",
+                "preview.png", "report.html")
+AGREEMENT_NAME = "lesion_agreement.nii.gz"
 OUTPUT_TYPES = ("nifti", "dicom-seg")
 SKULL_STRIP = ("auto", "none", "classical", "hdbet")
 MEMBERS_DIR = "members"
@@ -107,6 +109,8 @@ class Ensemble:
     mask: Image  # uint8 0/1 on the native DWI grid
     probability: Image  # float32 mean of the member probabilities
     rule: str
+    agreement: Image | None = None  # float32 share of the members' networks voting lesion (ensemble.agreement)
+    networks: dict[str, int] = field(default_factory=dict)  # networks counted per member
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Measurements:
     lesion_location: dict | None
     location: dict | None
     mismatch: dict | None
+    uncertainty: dict | None = None  # report.json's "uncertainty" (postprocess/uncertainty.py)
 
 
 @dataclass
@@ -136,6 +141,7 @@ class SegmentationResult:
     adc: Image | None = None  # canonical unit, on the DWI grid
     flair: Image | None = None  # on the DWI grid (registered or passed through)
     measurements: Measurements | None = None
+    agreement: Image | None = None  # float32 0-1 share of the networks voting lesion, on the DWI grid
 
     @property
     def volume_ml(self) -> float:
@@ -222,10 +228,12 @@ def run_members(members: MemberSet, case, trace: Trace, progress: Progress) -> M
 
 def combine_members(runs: MemberRuns, grid: Image) -> Ensemble:
     """Step 5: the DeepISLES majority vote (:mod:`deepisles.ensemble`) on the DWI grid."""
-    from deepisles.ensemble import combine
+    from deepisles.ensemble import agreement, combine
 
     mask, prob, rule = combine(runs.results)
-    return Ensemble(grid.with_data(mask.astype(np.uint8)), grid.with_data(prob.astype(np.float32)), rule)
+    agree, networks = agreement(runs.results)
+    return Ensemble(grid.with_data(mask.astype(np.uint8)), grid.with_data(prob.astype(np.float32)), rule,
+                    grid.with_data(agree), networks)  # fmt: skip
 
 
 def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progress: Progress) -> Measurements:
@@ -234,7 +242,7 @@ def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progre
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
 
     summary = lesion_summary(ensemble.mask)
-    table = lesion_table(ensemble.mask, loaded.adc)
+    table = lesion_table(ensemble.mask, loaded.adc, ensemble.agreement)
     progress.step("lesion location and biomarkers")
     with trace.timed("biomarkers"):
         rows, bio = compute_biomarkers(ensemble.mask, loaded.dwi, case.brain, case.flair)
@@ -242,7 +250,12 @@ def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progre
     for row in table:
         row.update({k: v for k, v in by_id.get(row["id"], {}).items() if k != "id"})
     trace.warnings.extend(bio["warnings"])
-    return Measurements(summary, table, bio["lesions"], bio["location"], bio["mismatch"])
+    uncertainty = None
+    if ensemble.agreement is not None:
+        from deepisles.postprocess.uncertainty import uncertainty_summary
+
+        uncertainty = uncertainty_summary(ensemble.agreement, ensemble.mask, ensemble.networks, table)
+    return Measurements(summary, table, bio["lesions"], bio["location"], bio["mismatch"], uncertainty)
 
 
 def input_record(path: object, img: Image | None) -> dict | None:
@@ -293,6 +306,7 @@ def make_report(files: InputFiles, loaded: LoadedInputs, runs: MemberRuns, ensem
         lesion_location=measurements.lesion_location,
         location=measurements.location,
         mismatch=measurements.mismatch,
+        uncertainty=measurements.uncertainty,
     )
 
 
@@ -317,7 +331,7 @@ def run_case(files: InputFiles, opts: RunOptions, *, layout=None, members: Membe
     return SegmentationResult(
         ensemble.mask, ensemble.probability, report, runs.results, outdir,
         brain=loaded.dwi.with_data(case.brain.astype(np.uint8)), dwi=loaded.dwi, adc=loaded.adc, flair=case.flair,
-        measurements=measurements,
+        measurements=measurements, agreement=ensemble.agreement,
     )
 
 
@@ -348,6 +362,8 @@ class FolderLayout:
         from deepisles.outputs.report import lesions_csv
 
         _write_images(result, folder, "lesion_mask.nii.gz", "lesion_prob.nii.gz")
+        if result.agreement is not None:
+            _write_nifti(folder / AGREEMENT_NAME, result.agreement, np.float32)
         if self.save_members:
             for r in result.members:
                 img = result.mask.with_data(np.asarray(r.probability, dtype=np.float32))
@@ -368,7 +384,7 @@ class FolderLayout:
 
             write_html_report(folder, result.report, dwi=result.dwi, adc=result.adc, mask=result.mask,
                               flair=result.flair, preview_png=folder / "preview.png" if self.preview else None,
-                              overwrite=True)  # fmt: skip
+                              agreement=result.agreement, overwrite=True)  # fmt: skip
         write_json_atomic(folder / self.marker, result.report)
 
 
@@ -387,7 +403,7 @@ class BidsLayout:
     def report_outputs(self, members: list[str]) -> dict[str, str]:
         n = self.names
         return {"mask": n.mask, "mask_sidecar": n.mask_json, "probseg": n.probseg, "probseg_sidecar": n.probseg_json,
-                "report": n.report}  # fmt: skip
+                "agreement": n.agreement, "report": n.report}  # fmt: skip
 
     def write(self, result: SegmentationResult, folder: Path) -> None:
         from deepisles.io.hashing import sha256_file
@@ -396,9 +412,10 @@ class BidsLayout:
 
         n, sources = self.names, list(self.sources)
         _write_images(result, folder, n.mask, n.probseg)
+        _write_nifti(folder / n.agreement, result.agreement, np.float32)
         write_json_atomic(folder / n.probseg_json, probseg_sidecar(result.report, sources))
         write_json_atomic(folder / n.report, result.report)
-        sums = {name: sha256_file(folder / name) for name in (n.mask, n.probseg, n.probseg_json, n.report)}
+        sums = {name: sha256_file(folder / name) for name in (n.mask, n.probseg, n.agreement, n.probseg_json, n.report)}
         write_json_atomic(folder / n.mask_json, mask_sidecar(result.report, sources, sums))
 
 

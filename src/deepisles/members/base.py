@@ -9,7 +9,10 @@
 * ``infer(x)``: the networks on the prepared input (an iterable of per-network outputs where the export treats
   each network on its own, so that only one is held in memory at a time).
 * ``export(output, context) -> MemberResult``: the inverse of the preprocessing's resampling, the member's
-  decision rule and :meth:`Member.result` (probability on the DWI grid, clipped, and the binary mask).
+  decision rule and :meth:`Member.result` (probability on the DWI grid, clipped, and the binary mask). A member
+  with several networks also counts, per DWI voxel, how many of them decide "lesion" on their own
+  (:class:`VoteCount`, the ``votes`` of the result: the ensemble's agreement map); without one, the member's own
+  mask is one network's vote.
 
 Members read their stored weights (``from_store``) but never write files.
 """
@@ -27,7 +30,7 @@ from deepisles.core import Case
 from deepisles.members.config import ConfigError, MemberConfig, ModelEntry, Settings
 
 __all__ = [
-    "Case", "Context", "Member", "MemberResult", "MemberUnavailable", "StoredMember", "match_decision",
+    "Case", "Context", "Member", "MemberResult", "MemberUnavailable", "StoredMember", "VoteCount", "match_decision",
     "read_stored_member", "weights_origin", "DEFAULT_MODELS_DIR", "DEFAULT_MODELS_NOTE", "has_default_model",
 ]  # fmt: skip
 
@@ -38,6 +41,32 @@ class MemberResult:
     probability: np.ndarray  # float32 lesion probability on the DWI grid, in [0, 1]
     mask: np.ndarray  # uint8 0/1 binary decision of this member on the DWI grid
     info: dict = field(default_factory=dict)
+    votes: np.ndarray | None = None  # uint8: how many of the member's networks vote lesion per voxel (None: the mask)
+    networks: int = 1  # how many networks ``votes`` counts
+
+    def __post_init__(self) -> None:
+        if self.votes is None:
+            self.votes, self.networks = np.asarray(self.mask, dtype=np.uint8), 1
+
+
+class VoteCount:
+    """Per-voxel count (uint8) of a member's networks that decide "lesion", each by the member's own rule applied
+    to that network alone; one array however many networks (at most 255)."""
+
+    def __init__(self) -> None:
+        self.count: np.ndarray | None = None
+        self.networks = 0
+
+    def add(self, decision: np.ndarray) -> None:
+        d = np.asarray(decision, dtype=bool)
+        if self.count is None:
+            self.count = np.zeros(d.shape, dtype=np.uint8)
+        elif d.shape != self.count.shape:
+            raise ValueError(f"network vote of shape {d.shape}, earlier votes {self.count.shape}")
+        if self.networks == 255:
+            raise ValueError("more than 255 networks in one member: the uint8 vote count would overflow")
+        self.count += d
+        self.networks += 1
 
 
 @dataclass
@@ -111,15 +140,20 @@ class Member(ABC):
         x, context = self.preprocess(case)
         return self.export(self.infer(x), context)
 
-    def result(self, probability: np.ndarray, context: Context) -> MemberResult:
+    def result(self, probability: np.ndarray, context: Context, votes: VoteCount | None = None) -> MemberResult:
         """The member's result from its lesion probability on the DWI grid (clipped to [0, 1]; mask =
-        probability >= threshold)."""
+        probability >= threshold) and its networks' ``votes`` on the DWI grid (none: the mask is one vote)."""
         prob = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
         if tuple(prob.shape) != tuple(context.shape):
             raise RuntimeError(f"member {self.name} returned shape {prob.shape}, DWI grid is {tuple(context.shape)}")
         self.last_info = dict(context.info)
         mask = (prob >= self.threshold).astype(np.uint8)
-        return MemberResult(self.name, prob, mask, self.report_info())
+        if votes is None or votes.count is None:
+            return MemberResult(self.name, prob, mask, self.report_info())
+        if tuple(votes.count.shape) != tuple(context.shape):
+            raise RuntimeError(f"member {self.name} voted on shape {votes.count.shape}, DWI grid is "
+                               f"{tuple(context.shape)}")  # fmt: skip
+        return MemberResult(self.name, prob, mask, self.report_info(), votes.count, votes.networks)
 
     def report_info(self) -> dict:
         info = {"description": self.description, "inputs": list(self.modalities)}

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from deepisles.engine.sliding_window import constant, monai_starts, pad_to_patch, sliding_window
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Context, MemberResult, StoredMember, match_decision
+from deepisles.members.base import Case, Context, MemberResult, StoredMember, VoteCount, match_decision
 from deepisles.members.config import ConfigError, ModelEntry, Settings, check_sizes, require
 
 log = logging.getLogger(__name__)
@@ -295,15 +295,18 @@ class FactorizerMember(StoredMember):
 
     # -- stage 2: the ensemble's scaled logit on the networks' grid -----------------------------------------
     def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
-        """``ft.Ensemble.forward``: mean over the models of ``weight * logit`` (float32)."""
-        acc = None
+        """``ft.Ensemble.forward``: mean over the models of ``weight * logit`` (float32), channel 0; then each
+        model's own ``weight * logit`` (channels 1..N, for the models' votes; channel 0 is computed as before)."""
+        acc, each = None, []
         for w, net in zip(self.weights, self.networks, strict=True):
             out = w * net(x).float()
+            each.append(out)
             acc = out if acc is None else acc + out
-        return acc / len(self.networks)
+        return torch.cat([acc / len(self.networks), *each], dim=1)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """``mean_i(w_i * logit_i)`` blended over the windows: (1, *S) float32 on the device."""
+        """``mean_i(w_i * logit_i)`` blended over the windows (channel 0) and each model's ``w_i * logit_i``
+        blended the same way (channels 1..N): (1 + N, *S) float32 on the device."""
         x = x[None].to(self.device)
         roi = self.window
         padded, crop = pad_to_patch(x[0], roi, value=float(self.settings.pad_value))
@@ -315,7 +318,7 @@ class FactorizerMember(StoredMember):
                 roi,
                 starts,
                 constant(roi),
-                out_channels=1,
+                out_channels=1 + len(self.networks),
                 batch_size=self.batch_size,
                 device=self.device,
                 amp=self.amp,
@@ -323,11 +326,16 @@ class FactorizerMember(StoredMember):
         return out[crop]
 
     # -- stage 3: back on the DWI grid, sigmoid of the mean logit, the reference's decision --------------------
-    def export(self, scaled: torch.Tensor, context: FactorizerContext) -> MemberResult:
-        scaled = from_network_grid(scaled, context.shape, context.resized, self.settings)
+    # A model's vote: the same decision on its own blended w_i * logit_i (sigmoid(logit_i) >= 0.5 for threshold 0).
+    def export(self, out: torch.Tensor, context: FactorizerContext) -> MemberResult:
+        votes = VoteCount()
+        for i in range(1, out.shape[0]):
+            each = from_network_grid(out[i : i + 1], context.shape, context.resized, self.settings)
+            votes.add(each >= self.settings.threshold_logit)
+        scaled = from_network_grid(out[:1], context.shape, context.resized, self.settings)
         logit = scaled / np.float32(np.mean(self.weights))
         prob = (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32)
-        return self.result(match_decision(prob, scaled >= self.settings.threshold_logit), context)
+        return self.result(match_decision(prob, scaled >= self.settings.threshold_logit), context, votes)
 
     def report_info(self) -> dict:
         return {

@@ -53,6 +53,7 @@ from deepisles.members.base import (
     MemberResult,
     MemberUnavailable,
     StoredMember,
+    VoteCount,
     match_decision,
 )
 from deepisles.members.config import ModelEntry, Settings, check_sizes, require
@@ -406,14 +407,16 @@ class NvautoMember(StoredMember):
     @torch.inference_mode()
     def export(self, probabilities, context: NvautoContext) -> MemberResult:
         total, n = 0, 0
+        fg = int(self.settings.foreground_channel)
+        votes = VoteCount()  # a model's vote: the argmax of its own inverted softmax
         for probs in probabilities:
             inv = from_1mm(probs, context.affine1, context.affine, context.shape, self.settings.resample)
+            votes.add((torch.argmax(inv, dim=0) == fg).cpu().numpy())
             total = total + inv  # as the reference: inverted per model, summed in float32, then divided
             n += 1
         mean = total / n
-        fg = int(self.settings.foreground_channel)
         decision = torch.argmax(mean, dim=0) == fg  # ties go to the first channel, as torch.argmax does
-        return self.result(match_decision(mean[fg].float().cpu().numpy(), decision.cpu().numpy()), context)
+        return self.result(match_decision(mean[fg].float().cpu().numpy(), decision.cpu().numpy()), context, votes)
 
     def report_info(self) -> dict:
         return {

@@ -52,7 +52,7 @@ from deepisles.engine.sliding_window import (
     with_mirroring,
 )
 from deepisles.io.image import Image
-from deepisles.members.base import Case, Context, MemberResult, StoredMember, match_decision
+from deepisles.members.base import Case, Context, MemberResult, StoredMember, VoteCount, match_decision
 from deepisles.members.config import ModelEntry, Settings, check_sizes, require
 
 log = logging.getLogger(__name__)
@@ -586,17 +586,24 @@ class SealsMember(StoredMember):
         return out[slicer].cpu().numpy()
 
     # -- stage 3: each fold exported (2b), mean over folds, back into the 1 mm grid and onto the DWI -------
+    # A fold's vote: the same way back and argmax applied to that fold's exported softmax alone.
     def export(self, softmaxes, context: SealsContext) -> MemberResult:
+        votes = VoteCount()
         if context.props is None:
-            return self.result(np.zeros(context.shape, dtype=np.float32), context)
+            for _ in self.networks:
+                votes.add(np.zeros(context.shape, dtype=bool))
+            return self.result(np.zeros(context.shape, dtype=np.float32), context, votes)
         pre, export = self.settings.preprocessing, self.settings.export
+        size, bbox = context.props["original_size_of_raw_data"], context.props["crop_bbox"]
         acc, n = None, 0
         for sm in softmaxes:
             sm = export_softmax(sm, context.props, pre, export)
+            fold_bg, fold_fg = from_1mm(uncrop(sm, size, bbox), context.shape, context.spacing)
+            votes.add(fold_fg > fold_bg)
             acc = sm if acc is None else acc + sm
             n += 1
         mean = acc / n
-        full = uncrop(mean, context.props["original_size_of_raw_data"], context.props["crop_bbox"])
+        full = uncrop(mean, size, bbox)
         bg, fg = from_1mm(full, context.shape, context.spacing)
         prob = np.ascontiguousarray(fg, dtype=np.float32)
-        return self.result(match_decision(prob, fg > bg), context)  # the reference argmax (ties -> background)
+        return self.result(match_decision(prob, fg > bg), context, votes)  # the reference argmax (ties -> background)

@@ -59,6 +59,11 @@ class CaseNames:
         return f"{self.stem}_space-orig_desc-lesion_probseg.json"
 
     @property
+    def agreement(self) -> str:
+        """Share of the networks voting lesion per voxel (deepisles' lesion_agreement.nii.gz)."""
+        return f"{self.stem}_space-orig_desc-agreement_probseg.nii.gz"
+
+    @property
     def report(self) -> str:
         return f"{self.stem}_desc-deepisles_report.json"
 

@@ -37,6 +37,8 @@ _LESION_COLUMNS = {
     "hemisphere": "hemisphere",
     "lobes": "lobes",
     "regions": "regions",
+    "agreement_mean": "mean agreement",
+    "agreement_min": "min agreement",
 }
 
 
@@ -178,6 +180,28 @@ def _members_html(members: object) -> tuple[str, list[str]]:
     return table, notes
 
 
+def _review_box(u: dict) -> str:
+    """The "review recommended" flag with the reasons that fired and the rule (report.json ``uncertainty``)."""
+    if not u:
+        return ""
+    flag = u.get("review_recommended")
+    nets = _fmt(u.get("networks"))
+    facts = (f"{_fmt(u.get('networks_total'))} networks ({nets}); disagreement volume "
+             f"{_fmt(u.get('disagreement_volume_ml'))} mL; mean agreement in the lesion mask "
+             f"{_fmt(u.get('mean_agreement_in_mask'))}")  # fmt: skip
+    reasons = u.get("reasons") if isinstance(u.get("reasons"), list) else []
+    if flag is True:
+        head, cls = "Review recommended", "warn"
+    elif flag is False:
+        head, cls = "Networks agree: no review flag", "disclaimer"
+    else:
+        head, cls = f"Agreement not assessed: {_fmt(u.get('note'))}", "disclaimer"
+    items = "".join(f"<li>{_e(r)}</li>" for r in reasons)
+    return (f'<div class="box {cls}" id="review" data-review="{_e(str(flag).lower())}"><b>{_e(head)}</b>'
+            f'{f"<ul>{items}</ul>" if items else ""}<div class="sub">{facts}</div>'
+            f'<div class="sub">rule: {_fmt(u.get("rule"))}</div></div>')  # fmt: skip
+
+
 def _section(title: str, body: str, sid: str, *, collapsed: bool = False) -> str:
     if collapsed:
         return f'<section id="{sid}"><details><summary><h2>{_e(title)}</h2></summary>{body}</details></section>'
@@ -235,6 +259,12 @@ _JS = """
       colormap: 'red', opacity: cfg.mask.opacity, cal_min: 0.5, cal_max: 1});
     let base = bases[cfg.images[0].label];
     nv.addVolume(base);
+    let agree = null;
+    if (cfg.agreement) {  // share of the networks voting lesion: hidden until its box is ticked
+      agree = await niivue.NVImage.loadFromBase64({base64: b64(cfg.agreement.id), name: 'agreement.nii.gz',
+        colormap: 'warm', opacity: 0, cal_min: 0.01, cal_max: 1});
+      nv.addVolume(agree);
+    }
     nv.addVolume(mask);
     const goTo = (mm) => { nv.scene.crosshairPos = nv.mm2frac(mm); nv.drawScene(); nv.createOnLocationChange(); };
     goTo(cfg.focus_mm);
@@ -246,6 +276,9 @@ _JS = """
     const opacity = document.getElementById('viewer-opacity'), show = document.getElementById('viewer-mask');
     const setMask = () => { nv.setOpacity(nv.volumes.indexOf(mask), show.checked ? opacity.value / 100 : 0); };
     opacity.addEventListener('input', setMask); show.addEventListener('change', setMask);
+    const showAgree = document.getElementById('viewer-agreement');
+    if (agree && showAgree) showAgree.addEventListener('change', () => {
+      nv.setOpacity(nv.volumes.indexOf(agree), showAgree.checked ? 0.7 : 0); });
     document.getElementById('viewer-layout').addEventListener('change', (ev) => {
       nv.setSliceType(Number(ev.target.value)); });
     for (const tr of document.querySelectorAll('#lesion-table tr[data-mm]')) {
@@ -269,6 +302,7 @@ def render_html(
     mask: Image,
     flair: Image | None = None,
     preview_png: Path | None = None,
+    agreement: Image | None = None,
 ) -> str:
     """The report page as text (see write_html_report)."""
     report = _dict(report)
@@ -288,6 +322,10 @@ def render_html(
         cfg_images.append({"id": vid, "label": label, "window": [round(w, 4) for w in window]})
     blocks.append(f'<script type="application/gzip;base64" id="vol-mask">{nifti_base64(mask, mask=True)}</script>')
     config = {"images": cfg_images, "mask": {"id": "vol-mask", "opacity": 0.6}, "focus_mm": focus_mm(mask)}
+    uncertainty = _dict(report.get("uncertainty"))
+    if agreement is not None and (uncertainty.get("networks_total") or 0) >= 2:  # one network: nothing to show
+        blocks.append(f'<script type="application/gzip;base64" id="vol-agreement">{nifti_base64(agreement)}</script>')
+        config["agreement"] = {"id": "vol-agreement"}
 
     numbers = [("lesion volume", f"{_fmt(lz.get('volume_ml'))} mL"), ("lesions", _fmt(lz.get("count")))]
     for key, label in (("hemisphere", "hemisphere"), ("lobes", "lobes")):
@@ -307,7 +345,9 @@ def render_html(
         '<div class="controls"><label>image <select id="viewer-image">'
         + "".join(f'<option value="{lb}">{lb}</option>' for lb in images)
         + '</select></label><label><input type="checkbox" id="viewer-mask" checked> lesion mask (red)</label>'
-        '<label>opacity <input type="range" id="viewer-opacity" min="0" max="100" value="60"></label>'
+        + ('<label><input type="checkbox" id="viewer-agreement"> network agreement (warm colours, 0-1)</label>'
+           if "agreement" in config else "")
+        + '<label>opacity <input type="range" id="viewer-opacity" min="0" max="100" value="60"></label>'
         '<label>layout <select id="viewer-layout">'
         + "".join(f'<option value="{v}">{t}</option>' for v, t in layouts)
         + "</select></label></div>"
@@ -321,6 +361,7 @@ def render_html(
         f'<div class="box note"><b>Weights</b><ul>{"".join(f"<li>{n}</li>" for n in notes)}</ul></div>' if notes else "",
         ('<div class="box warn"><b>Warnings</b><ul>' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul></div>")
         if warnings else "",
+        _review_box(uncertainty),
         _section("Lesion", summary, "summary"),
         _section("Viewer", viewer, "viewer"),
     ]
@@ -371,17 +412,20 @@ def write_html_report(
     mask: Image,
     flair: Image | None = None,
     preview_png: Path | None = None,
+    agreement: Image | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``outdir/report.html`` atomically and return its path.
 
     ``dwi``, ``adc``, ``flair`` and ``mask`` must share the DWI grid (as in ``segment``); ``preview_png`` is
-    embedded when given. An existing report.html is refused (OutputExistsError) unless ``overwrite``.
+    embedded when given, and ``agreement`` (the network agreement map) as a viewer overlay when the report counts
+    two or more networks. An existing report.html is refused (OutputExistsError) unless ``overwrite``.
     """
     path = Path(outdir) / HTML_NAME
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
-    text = render_html(report, dwi=dwi, adc=adc, mask=mask, flair=flair, preview_png=preview_png)
+    text = render_html(report, dwi=dwi, adc=adc, mask=mask, flair=flair, preview_png=preview_png,
+                       agreement=agreement)
     return write_text_atomic(path, text)
 
 

@@ -39,9 +39,11 @@ def build_report(
     lesion_location: dict | None = None,
     location: dict | None = None,
     mismatch: dict | None = None,
+    uncertainty: dict | None = None,
 ) -> dict:
     """The report. ``lesion_location`` (case-level ``hemisphere``, ``lobes``, ``regions``), ``location`` and
-    ``mismatch`` come from :func:`deepisles.postprocess.biomarkers.compute_biomarkers`."""
+    ``mismatch`` come from :func:`deepisles.postprocess.biomarkers.compute_biomarkers`, ``uncertainty`` (network
+    agreement, review flag) from :func:`deepisles.postprocess.uncertainty.uncertainty_summary`."""
     loc = lesion_location or {}
     return {
         "tool": {"name": "deepisles", "version": __version__, "python": platform.python_version()},
@@ -62,6 +64,7 @@ def build_report(
         },
         "location": location,
         "mismatch": mismatch,
+        "uncertainty": uncertainty,
         "outputs": outputs,
         "device": device,
         "fast_mode": fast,
@@ -74,7 +77,7 @@ def build_report(
 CSV_COLUMNS = (
     "id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "max_extent_mm",
     "mean_adc_1e-3_mm2_s", "min_adc_1e-3_mm2_s", "hemisphere", "lobes", "regions", "atlas_unlabelled_fraction",
-    "centroid_mni_x", "centroid_mni_y", "centroid_mni_z",
+    "centroid_mni_x", "centroid_mni_y", "centroid_mni_z", "agreement_mean", "agreement_min",
 )  # fmt: skip
 
 

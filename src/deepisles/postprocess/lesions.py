@@ -51,11 +51,12 @@ def voxel_centres_mm(img: Image, ijk: np.ndarray) -> np.ndarray:
     return np.asarray(ijk, dtype=np.float64) @ img.affine[:3, :3].T + img.affine[:3, 3]
 
 
-def lesion_table(mask: Image, adc: Image | None = None) -> list[dict]:
+def lesion_table(mask: Image, adc: Image | None = None, agreement: Image | None = None) -> list[dict]:
     """One row per lesion, largest first: id, voxels, volume (mL), centroid (RAS mm), maximum extent (mm),
-    mean and minimum ADC.
+    mean and minimum ADC, mean and minimum network agreement.
 
-    ``adc`` must be on the mask's grid (canonical unit 10^-3 mm^2/s).
+    ``adc`` and ``agreement`` (share of networks voting lesion, :func:`deepisles.ensemble.agreement`) must be on
+    the mask's grid (ADC in the canonical unit 10^-3 mm^2/s).
     """
     labels, n = ranked_lesions(mask.data)
     if n == 0:
@@ -69,6 +70,12 @@ def lesion_table(mask: Image, adc: Image | None = None) -> list[dict]:
         adc_data = np.asarray(adc.data, dtype=np.float64)
         mean_adc = np.asarray(ndi.mean(adc_data, labels, index)).reshape(-1)
         min_adc = np.asarray(ndi.minimum(adc_data, labels, index)).reshape(-1)
+    if agreement is not None:
+        if tuple(agreement.shape) != tuple(labels.shape):
+            raise ValueError(f"agreement map of shape {tuple(agreement.shape)}, lesion mask {tuple(labels.shape)}")
+        agree = np.asarray(agreement.data, dtype=np.float64)
+        mean_agree = np.asarray(ndi.mean(agree, labels, index)).reshape(-1)
+        min_agree = np.asarray(ndi.minimum(agree, labels, index)).reshape(-1)
     vox_ml = mask.voxel_volume_ml
     rows = []
     for k in range(n):
@@ -84,6 +91,9 @@ def lesion_table(mask: Image, adc: Image | None = None) -> list[dict]:
         if adc is not None:
             row["mean_adc_1e-3_mm2_s"] = round(float(mean_adc[k]), 4)
             row["min_adc_1e-3_mm2_s"] = round(float(min_adc[k]), 4)
+        if agreement is not None:
+            row["agreement_mean"] = round(float(mean_agree[k]), 4)
+            row["agreement_min"] = round(float(min_agree[k]), 4)
         rows.append(row)
     return rows
 
