@@ -36,7 +36,8 @@ from deepisles.io.hashing import sha256_file
 runner = CliRunner()
 NAME = re.compile(
     r"^(?P<stem>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_"
-    r"(?:space-orig_desc-lesion_(?:mask|probseg)\.(?:nii\.gz|json)|desc-deepisles_report\.json)$"
+    r"(?:space-orig_desc-lesion_(?:mask|probseg)\.(?:nii\.gz|json)|space-orig_desc-agreement_probseg\.nii\.gz"
+    r"|desc-deepisles_report\.json)$"
 )
 IDS = [f"sub-synth{i:04d}_ses-0001" for i in range(1, 7)]
 BROKEN = "sub-synth0005_ses-0001"
@@ -92,7 +93,7 @@ def _check_complete(out: Path, dataset: Path, ok: list[str], failed: list[str]) 
         assert m, f.name
         assert f.parent == out / m["stem"].replace("_", "/") / "dwi"
         stems.setdefault(m["stem"], []).append(f.name)
-    assert sorted(stems) == sorted(ok) and all(len(v) == 5 for v in stems.values())
+    assert sorted(stems) == sorted(ok) and all(len(v) == 6 for v in stems.values())
     for cid in ok:
         case = next(c for c in find_cases(dataset) if c.case_id == cid)
         names = case_names(case)

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deepisles.cli import app
+from small_case import case_arrays
 
 runner = CliRunner()
 
@@ -24,16 +25,7 @@ def _save(path, data, affine=None):
 @pytest.fixture()
 def case(tmp_path):
     """A small valid DWI/ADC pair (bright, ADC-dark blob in a brain-like ellipsoid)."""
-    rng = np.random.default_rng(0)
-    shape = (40, 44, 30)
-    ii = np.indices(shape).astype(np.float32)
-    c = np.array(shape, np.float32)[:, None, None, None] / 2
-    brain = ((((ii - c) / np.array([17, 19, 13])[:, None, None, None]) ** 2).sum(0)) < 1
-    lesion = (((ii - np.array([26, 24, 15])[:, None, None, None]) ** 2).sum(0)) < 16
-    dwi = np.where(brain, 230 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
-    adc = np.where(brain, 0.8 + 0.03 * rng.standard_normal(shape), 0).astype(np.float32)
-    dwi[lesion & brain] *= 2
-    adc[lesion & brain] *= 0.55
+    dwi, adc = case_arrays()
     d = tmp_path / "in"
     d.mkdir()
     return {
@@ -41,7 +33,7 @@ def case(tmp_path):
         "adc": _save(d / "adc.nii.gz", adc),
         "dir": d,
         "out": tmp_path / "out",
-        "shape": shape,
+        "shape": dwi.shape,
     }
 
 

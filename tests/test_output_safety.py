@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deepisles.cli import app
+from small_case import case_arrays
 
 runner = CliRunner()
 
@@ -30,17 +31,7 @@ def _save(path, data, affine=None):
     return path
 
 
-def _case_arrays(seed=0, shape=(40, 44, 30)):
-    rng = np.random.default_rng(seed)
-    ii = np.indices(shape).astype(np.float32)
-    c = np.array(shape, np.float32)[:, None, None, None] / 2
-    brain = ((((ii - c) / np.array([17, 19, 13])[:, None, None, None]) ** 2).sum(0)) < 1
-    lesion = (((ii - np.array([26, 24, 15])[:, None, None, None]) ** 2).sum(0)) < 16
-    dwi = np.where(brain, 230 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
-    adc = np.where(brain, 0.8 + 0.03 * rng.standard_normal(shape), 0).astype(np.float32)
-    dwi[lesion & brain] *= 2
-    adc[lesion & brain] *= 0.55
-    return dwi, adc
+_case_arrays = case_arrays
 
 
 @pytest.fixture()
@@ -139,7 +130,8 @@ def test_overwrite_removes_stale_owned_outputs_and_keeps_user_files(case):
     assert {"lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv"} <= names
     assert (out / "notes.txt").read_text() == "mine" and (out / "members" / "my-notes.txt").read_text() == "mine too"
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["outputs"].values()) == {"lesion_mask.nii.gz", "lesion_prob.nii.gz", "report.json", "lesions.csv"}
+    assert set(rep["outputs"].values()) == {"lesion_mask.nii.gz", "lesion_prob.nii.gz", "lesion_agreement.nii.gz",
+                                            "report.json", "lesions.csv"}
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging or temp files left
 
 

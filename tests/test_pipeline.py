@@ -17,19 +17,9 @@ from deepisles import pipeline
 from deepisles.api import segment
 from deepisles.batch import run_batch
 from deepisles.progress import Messages, Prefixed, Progress, Recorder, Silent, as_progress
+from small_case import case_arrays
 
-
-def _case_arrays(seed=0, shape=(40, 44, 30)):
-    rng = np.random.default_rng(seed)
-    ii = np.indices(shape).astype(np.float32)
-    c = np.array(shape, np.float32)[:, None, None, None] / 2
-    brain = ((((ii - c) / np.array([17, 19, 13])[:, None, None, None]) ** 2).sum(0)) < 1
-    lesion = (((ii - np.array([26, 24, 15])[:, None, None, None]) ** 2).sum(0)) < 16
-    dwi = np.where(brain, 230 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
-    adc = np.where(brain, 0.8 + 0.03 * rng.standard_normal(shape), 0).astype(np.float32)
-    dwi[lesion & brain] *= 2
-    adc[lesion & brain] *= 0.55
-    return dwi, adc
+_case_arrays = case_arrays
 
 
 @pytest.fixture()

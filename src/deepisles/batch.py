@@ -25,6 +25,7 @@ from pathlib import Path
 from deepisles import __version__
 from deepisles.errors import DeepIslesError, Interrupted
 from deepisles.io.dataset import DatasetCase, find_cases
+from deepisles.io.write import fsync_dir
 from deepisles.outputs.bids import (
     BIDSIGNORE,
     CaseNames,
@@ -101,19 +102,6 @@ def one_line(exc: BaseException) -> str:
 
 
 # --- files and locks ----------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _flock(fd: int, blocking: bool) -> bool:
     """Exclusive ``flock``; False when it is held elsewhere or locks do not work here (then nothing is
     treated as stale; blocking callers go on unlocked)."""
@@ -332,7 +320,7 @@ class Workspace:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_result(result, tmp, layout)  # the mask sidecar (completion record) last
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = self.outroot / names.folder
         final.parent.mkdir(parents=True, exist_ok=True)
         old = None
@@ -340,7 +328,7 @@ class Workspace:
             old = self.dir / f"old.{names.stem}"
             os.replace(final, old)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

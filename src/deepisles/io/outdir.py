@@ -38,6 +38,7 @@ from deepisles.errors import (
     OutputUnwritableError,
     OutputWriteError,
 )
+from deepisles.io.write import fsync_dir
 
 try:
     import fcntl
@@ -51,19 +52,6 @@ _TMP_RE = re.compile(r"^\.(?P<stem>[^./]+)\.[A-Za-z0-9_]{8}\.tmp(\.[^/]*)?$")
 
 def _stem(name: str) -> str:
     return Path(name).name.split(".")[0]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _oserror_text(exc: OSError) -> str:
@@ -248,7 +236,7 @@ class OutputFolder:
                         (self.path / d).rmdir()  # only when empty (no results of ours, no user files)
                     except OSError:
                         pass
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
                 shutil.rmtree(self.staging, ignore_errors=True)
                 self.staging = None
             except OSError as exc:

@@ -91,3 +91,17 @@ def check_output_dir(outdir: Path, names: Iterable[str], overwrite: bool) -> Non
         raise OutputExistsError(
             f"{outdir}: already holds results ({', '.join(existing)}); pass --overwrite to replace them"
         )
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames into it) to disk; a no-op where folders cannot be opened or synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

@@ -35,7 +35,13 @@ from scipy import ndimage as ndi
 from deepisles import resources
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import RAS_FROM_LPS, Image
-from deepisles.preprocess.register import metric_of, mi_method, ras_matrix, set_gradient_descent
+from deepisles.preprocess.register import (
+    metric_of,
+    mi_method,
+    ras_matrix,
+    reproducible_itk,
+    set_gradient_descent,
+)
 
 WORK_MM = 3.0  # isotropic grid on which the case is registered
 TEMPLATE_MM = 2  # template bin-averaging factor (1 mm -> 2 mm)
@@ -156,6 +162,7 @@ def _work_grid(image: Image, brain: np.ndarray) -> tuple[sitk.Image, sitk.Image]
     return fixed, sitk.Cast(mask, sitk.sitkUInt8)
 
 
+@reproducible_itk()
 def register_to_mni(image: Image, brain: np.ndarray | None = None) -> MniRegistration:
     """Affine registration of a (DWI) image to the MNI152 2009a template; see the module docstring.
 
