@@ -39,21 +39,24 @@ def main() -> None:
             nib.save(getattr(case, name).to_nifti(), d / f"{name}.nii.gz")
         segment(d / "dwi.nii.gz", d / "adc.nii.gz", d / "flair.nii.gz", outdir=d / "out", device="cpu",
                 preview=False, html=False)  # fmt: skip
-        dwi = np.asarray(nib.load(d / "dwi.nii.gz").dataobj, dtype=np.float32)
+        dwi_img = nib.load(d / "dwi.nii.gz")
+        dwi = np.asarray(dwi_img.dataobj, dtype=np.float32)
+        sx, sy = (float(v) for v in dwi_img.header.get_zooms()[:2])
         agree = np.asarray(nib.load(d / "out" / "lesion_agreement.nii.gz").dataobj)
         mask = np.asarray(nib.load(d / "out" / "lesion_mask.nii.gz").dataobj) > 0
         u = json.loads((d / "out" / "report.json").read_text())["uncertainty"]
 
     z = int(np.argmax((agree > 0).sum(axis=(0, 1))))
     fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=100)
-    ax.imshow(dwi[:, :, z].T, cmap="gray", origin="lower")
+    aspect = sy / sx  # square millimetres, not square voxels
+    ax.imshow(dwi[:, :, z].T, cmap="gray", origin="lower", aspect=aspect)
     shown = np.ma.masked_where(agree[:, :, z] <= 0, agree[:, :, z])
-    im = ax.imshow(shown.T, cmap="viridis", vmin=0, vmax=1, origin="lower", alpha=0.85)
+    im = ax.imshow(shown.T, cmap="viridis", vmin=0, vmax=1, origin="lower", alpha=0.85, aspect=aspect)
     if mask[:, :, z].any():
         ax.contour(mask[:, :, z].T.astype(float), levels=[0.5], colors="red", linewidths=1.0, origin="lower")
     nets = ", ".join(f"{k} {v}" for k, v in u["networks"].items())
     flag = {True: "review recommended", False: "no review flag", None: "not assessed"}[u["review_recommended"]]
-    ax.set_title(f"network agreement (networks: {nets})\n{flag}; disagreement {u['disagreement_volume_ml']:.1f} mL",
+    ax.set_title(f"network agreement\n{nets}\n{flag}; disagreement {u['disagreement_volume_ml']:.1f} mL",
                  fontsize=8)  # fmt: skip
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="share of networks voting lesion")
