@@ -124,6 +124,7 @@ class Measurements:
     location: dict | None
     mismatch: dict | None
     uncertainty: dict | None = None  # report.json's "uncertainty" (postprocess/uncertainty.py)
+    classical_check: dict | None = None  # report.json's "classical_check" (postprocess/classical_check.py)
 
 
 @dataclass
@@ -236,8 +237,10 @@ def combine_members(runs: MemberRuns, grid: Image) -> Ensemble:
                     grid.with_data(agree), networks)  # fmt: skip
 
 
-def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progress: Progress) -> Measurements:
-    """Step 6: lesion count and volumes, per-lesion table, location (MNI/AAL3) and DWI-FLAIR mismatch."""
+def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progress: Progress,
+            runs: MemberRuns | None = None) -> Measurements:  # fmt: skip
+    """Step 6: lesion count and volumes, per-lesion table, location (MNI/AAL3), DWI-FLAIR mismatch, network
+    agreement, and (with ``runs``) the comparison with the classical threshold member."""
     from deepisles.postprocess.biomarkers import compute_biomarkers
     from deepisles.postprocess.lesions import lesion_summary, lesion_table
 
@@ -255,7 +258,31 @@ def measure(ensemble: Ensemble, loaded: LoadedInputs, case, trace: Trace, progre
         from deepisles.postprocess.uncertainty import uncertainty_summary
 
         uncertainty = uncertainty_summary(ensemble.agreement, ensemble.mask, ensemble.networks, table)
-    return Measurements(summary, table, bio["lesions"], bio["location"], bio["mismatch"], uncertainty)
+    check = _classical_check(ensemble, case, runs, trace) if runs is not None else None
+    return Measurements(summary, table, bio["lesions"], bio["location"], bio["mismatch"], uncertainty, check)
+
+
+def _classical_check(ensemble: Ensemble, case, runs: MemberRuns, trace: Trace) -> dict | None:
+    """The ensemble against the classical member's mask (run here for the comparison when it was not a member);
+    None when the classical member is the only member. A strong disagreement is a warning."""
+    from deepisles.members.classical import ClassicalMember
+    from deepisles.postprocess.classical_check import compare_with_classical, warning_text
+
+    names = [r.name for r in runs.results]
+    if names == ["classical"]:
+        return None
+    classical = next((r for r in runs.results if r.name == "classical"), None)
+    if classical is None:
+        with trace.timed("classical_check"):
+            try:
+                classical = ClassicalMember().run(case)
+            except Exception as exc:  # the check is advice: it never fails a run, the report says why it is absent
+                trace.warnings.append(f"comparison with the classical member not done: {exc}")
+                return None
+    check = compare_with_classical(ensemble.mask.data, classical.mask, case.dwi.voxel_volume_ml)
+    if check["disagree"]:
+        trace.warnings.append(warning_text(check))
+    return check
 
 
 def input_record(path: object, img: Image | None) -> dict | None:
@@ -307,6 +334,7 @@ def make_report(files: InputFiles, loaded: LoadedInputs, runs: MemberRuns, ensem
         location=measurements.location,
         mismatch=measurements.mismatch,
         uncertainty=measurements.uncertainty,
+        classical_check=measurements.classical_check,
     )
 
 
@@ -324,7 +352,7 @@ def run_case(files: InputFiles, opts: RunOptions, *, layout=None, members: Membe
     case = prepare_case(loaded, opts, trace, progress)
     runs = run_members(members, case, trace, progress)
     ensemble = combine_members(runs, loaded.dwi)
-    measurements = measure(ensemble, loaded, case, trace, progress)
+    measurements = measure(ensemble, loaded, case, trace, progress, runs=runs)
     outputs = layout.report_outputs([r.name for r in runs.results]) if layout is not None else {}
     trace.timing["total"] = time.perf_counter() - t_all
     report = make_report(files, loaded, runs, ensemble, measurements, trace, opts, outputs)

@@ -40,6 +40,7 @@ def build_report(
     location: dict | None = None,
     mismatch: dict | None = None,
     uncertainty: dict | None = None,
+    classical_check: dict | None = None,
 ) -> dict:
     """The report. ``lesion_location`` (case-level ``hemisphere``, ``lobes``, ``regions``), ``location`` and
     ``mismatch`` come from :func:`deepisles.postprocess.biomarkers.compute_biomarkers`, ``uncertainty`` (network
@@ -65,6 +66,7 @@ def build_report(
         "location": location,
         "mismatch": mismatch,
         "uncertainty": uncertainty,
+        "classical_check": classical_check,
         "outputs": outputs,
         "device": device,
         "fast_mode": fast,
