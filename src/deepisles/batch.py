@@ -23,19 +23,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deepisles import __version__
-from deepisles.errors import DeepIslesError, Interrupted
+from deepisles.errors import DeepIslesError
 from deepisles.io.dataset import DatasetCase, find_cases
 from deepisles.io.write import fsync_dir
 from deepisles.outputs.bids import (
     BIDSIGNORE,
     CaseNames,
-    bids_uri,
     cohort_row,
     cohort_tsv,
     dataset_description,
     raw_link,
 )
-from deepisles.progress import Prefixed, Progress, as_progress
+from deepisles.progress import Progress, as_progress
 
 try:
     import fcntl
@@ -312,25 +311,30 @@ class Workspace:
             pass
 
     def publish(self, names: CaseNames, result, layout) -> None:
-        """Write the case's files into the work folder (the pipeline's writer with the BIDS layout), fsync,
-        rename the folder onto ``sub-X/[ses-Y/]dwi``."""
-        from deepisles.pipeline import write_result
+        publish_case(self.outroot, self.dir, names, result, layout)
 
-        tmp = self.dir / names.stem
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write_result(result, tmp, layout)  # the mask sidecar (completion record) last
-        fsync_dir(tmp)
-        final = self.outroot / names.folder
-        final.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if final.exists():  # an incomplete or outdated earlier result: set aside in one step, dropped after
-            old = self.dir / f"old.{names.stem}"
-            os.replace(final, old)
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+def publish_case(outroot: Path, workdir: Path, names: CaseNames, result, layout) -> None:
+    """Write the case's files into the run's work folder ``workdir`` (the pipeline's writer with the BIDS layout),
+    fsync, rename the folder onto ``sub-X/[ses-Y/]dwi``. Every engine publishes through this (worker processes of
+    the pipelined engine too: they die with the run that holds ``workdir``'s lock)."""
+    from deepisles.pipeline import write_result
+
+    tmp = workdir / names.stem
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_result(result, tmp, layout)  # the mask sidecar (completion record) last
+    fsync_dir(tmp)
+    final = outroot / names.folder
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():  # an incomplete or outdated earlier result: set aside in one step, dropped after
+        old = workdir / f"old.{names.stem}"
+        os.replace(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -348,6 +352,8 @@ def run_batch(
     progress: Progress | None = None,
     on_case: Callable[[CaseOutcome], None] | None = None,
     flair_registered: bool = False,
+    engine: str = "serial",
+    workers: int = 0,
 ) -> BatchSummary:
     """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
     ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
@@ -356,8 +362,11 @@ def run_batch(
     ``step("CASE: stage")`` within a case; ``on_case(outcome)`` after each case. Every case runs the steps of
     :mod:`deepisles.pipeline` with the members loaded once and is written by its writer with a
     :class:`~deepisles.pipeline.BidsLayout`. ``flair_registered``: as for :func:`deepisles.api.segment`.
+    ``engine``: ``serial`` or ``pipelined`` (``workers`` processes, 0: the engine's default), see
+    :mod:`deepisles.engines`.
     """
     from deepisles.core import resolve_device
+    from deepisles.engines import ENGINES
     from deepisles.io.outdir import ensure_writable_folder
     from deepisles.io.read import DEFAULT_MAX_VOXELS
     from deepisles.pipeline import RunOptions
@@ -367,6 +376,10 @@ def run_batch(
     opts = RunOptions(members=members, fast=fast, skull_strip=skull_strip, flair_registered=flair_registered,
                       max_voxels=DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels)  # fmt: skip
     opts.check()
+    if engine not in ENGINES:
+        raise DeepIslesError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if workers < 0:
+        raise DeepIslesError(f"--workers {workers}: expected 0 (automatic) or more")
     opts = replace(opts, device=resolve_device(device))
     cases = find_cases(dataset, require_mask=False, keep_ambiguous=True)
     k, n = shard
@@ -375,12 +388,15 @@ def run_batch(
     ensure_writable_folder(out)  # before any model is loaded
     with run_lock(out, (k, n)):
         return _run_locked(dataset, out, cases, mine, opts, shard=(k, n), retry_failed=retry_failed,
-                           progress=as_progress(progress), on_case=on_case, t0=t0)  # fmt: skip
+                           progress=as_progress(progress), on_case=on_case, t0=t0,
+                           engine=dict(engine=engine, workers=workers))  # fmt: skip
 
 
-def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progress, on_case, t0) -> BatchSummary:
+def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progress, on_case, t0,
+                engine: dict) -> BatchSummary:  # fmt: skip
+    from deepisles import engines
     from deepisles.io.write import write_json_atomic, write_text_atomic
-    from deepisles.pipeline import BidsLayout, InputFiles, Trace, load_members, run_case
+    from deepisles.pipeline import load_members
 
     k, n = shard
     member_set = load_members(opts, progress)  # the networks, once for the whole run
@@ -400,30 +416,16 @@ def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progres
             else:
                 todo.append(case)
         progress.advance(0, len(todo), f"{len(todo)} to segment ({len(mine) - len(todo)} already handled)")
-        for i, case in enumerate(todo, 1):
-            names, t = case_names(case), time.perf_counter()
-            step = Prefixed(progress, case.case_id)
-            try:
-                if case.problem:  # e.g. two DWI files for one subject: this case fails, the others run
-                    raise DeepIslesError(case.problem)
-                step.step("starting")
-                sources = tuple(bids_uri(p, raw_root) for p in (case.dwi, case.adc, case.flair) if p is not None)
-                layout = BidsLayout(names, sources)
-                members_now = replace(member_set, skipped=list(member_set.skipped))
-                result = run_case(InputFiles(case.dwi, case.adc, case.flair), opts, layout=layout,
-                                  members=members_now, progress=step, trace=Trace())  # fmt: skip
-                step.step("writing")
-                ws.publish(names, result, layout)
-                outcome = CaseOutcome(case.case_id, "done", time.perf_counter() - t)
-            except (KeyboardInterrupt, Interrupted):  # Ctrl-C: stop the run (the case is not published)
-                raise KeyboardInterrupt from None
-            except Exception as exc:  # one case never stops the run
-                outcome = CaseOutcome(case.case_id, "failed", time.perf_counter() - t, one_line(exc))
-                _log_failure(out, case, outcome.error or "")
+        first = len(summary.outcomes)
+
+        def record(outcome: CaseOutcome) -> None:
             summary.outcomes.append(outcome)
-            progress.advance(i, len(todo), case.case_id)
+            progress.advance(len(summary.outcomes) - first, len(todo), outcome.case_id)
             if on_case:
                 on_case(outcome)
+
+        ctx = engines.Context(out, raw_root, ws.dir, opts, progress, record, member_set)
+        engines.run(engine.pop("engine"), ctx, todo, **engine)
     write_cohort(out, cases)
     summary.seconds = time.perf_counter() - t0
     return summary

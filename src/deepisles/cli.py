@@ -363,6 +363,8 @@ def batch(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the cases that failed in an earlier run (default: keep them failed).")] = False,
     max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse (as a failed case) an image whose header declares more voxels than this.", min=1)] = DEFAULT_MAX_VOXELS,
     flair_registered: Annotated[bool, typer.Option("--flair-registered", help="Every FLAIR is already registered to its DWI: skip the registration (as for `segment`).")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="serial | pipelined (reading, registration, biomarkers and writing in worker processes while the members run; docs/batch.md).")] = "serial",
+    workers: Annotated[int, typer.Option("--workers", help="pipelined: worker processes (0: CPU cores - 1, at most 4).", min=0)] = 0,
 ) -> None:
     """Segment every case of a dataset into BIDS derivatives (resumable, kill-safe, shardable; docs/batch.md).
 
@@ -398,7 +400,7 @@ def batch(
         summary = run_batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
             retry_failed=retry_failed, max_voxels=max_voxels, progress=_Bar(bar, task), on_case=on_case,
-            flair_registered=flair_registered,
+            flair_registered=flair_registered, engine=engine, workers=workers,
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
     table.add_row("segmented now", str(summary.count("done")))

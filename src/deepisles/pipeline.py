@@ -351,6 +351,17 @@ def run_case(files: InputFiles, opts: RunOptions, *, layout=None, members: Membe
     members = members if members is not None else load_members(opts, progress)
     case = prepare_case(loaded, opts, trace, progress)
     runs = run_members(members, case, trace, progress)
+    return finish_case(files, loaded, case, runs, opts, trace, progress, layout=layout, outdir=outdir,
+                       elapsed=time.perf_counter() - t_all)  # fmt: skip
+
+
+def finish_case(files: InputFiles, loaded: LoadedInputs, case, runs: MemberRuns, opts: RunOptions, trace: Trace,
+                progress: Progress, *, layout=None, outdir: Path | None = None,
+                elapsed: float = 0.0) -> SegmentationResult:  # fmt: skip
+    """Steps 5-7 of :func:`run_case`, after the members: combine, measure, report. A pipelined batch runs steps
+    1-3, step 4 and this in different processes (:mod:`deepisles.engines`); ``elapsed``: seconds the case took
+    before this call (the report's ``timing_s.total`` adds this call's time)."""
+    t_all = time.perf_counter() - elapsed
     ensemble = combine_members(runs, loaded.dwi)
     measurements = measure(ensemble, loaded, case, trace, progress, runs=runs)
     outputs = layout.report_outputs([r.name for r in runs.results]) if layout is not None else {}
