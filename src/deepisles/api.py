@@ -81,6 +81,7 @@ def segment(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     progress: Progress | Callable[[str], None] | None = None,
     flair_registered: bool = False,
+    precision: str = "fp32",
 ) -> SegmentationResult:
     """Segment the acute ischemic lesion of one case.
 
@@ -101,13 +102,16 @@ def segment(
     ``flair_registered``: the FLAIR is already registered to the DWI: no registration (on the DWI grid it is
     used unchanged, on another grid resampled onto it in physical space); without it a FLAIR already on the DWI
     grid and aligned is used unchanged too (report.json ``preprocessing.flair_registration`` says what was done).
+    ``precision``: CPU inference in ``fp32`` (default) or ``bf16`` (opt-in, refused on CPUs without bfloat16
+    units and on CUDA; docs/deviations.md gives its measured speed and agreement).
     """
     from deepisles.io.outdir import OutputFolder
 
     opts = RunOptions(members=members, fast=fast, skull_strip=skull_strip, flair_registered=flair_registered,
-                      max_voxels=max_voxels, output_type=output_type)  # fmt: skip
+                      max_voxels=max_voxels, output_type=output_type, precision=precision)  # fmt: skip
     opts.check()
     opts = dataclasses.replace(opts, device=resolve_device(device))
+    opts.check_device()
     files = InputFiles(dwi, adc, flair, bval)
     if outdir is not None:
         refuse_outputs_over_inputs(Path(outdir), {"dwi": dwi, "adc": adc, "flair": flair, "bval": bval})

@@ -354,6 +354,7 @@ def run_batch(
     flair_registered: bool = False,
     engine: str = "serial",
     workers: int = 0,
+    precision: str = "fp32",
 ) -> BatchSummary:
     """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
     ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
@@ -363,7 +364,7 @@ def run_batch(
     :mod:`deepisles.pipeline` with the members loaded once and is written by its writer with a
     :class:`~deepisles.pipeline.BidsLayout`. ``flair_registered``: as for :func:`deepisles.api.segment`.
     ``engine``: ``serial`` or ``pipelined`` (``workers`` processes, 0: the engine's default), see
-    :mod:`deepisles.engines`.
+    :mod:`deepisles.engines`. ``precision``: CPU inference precision, as for :func:`deepisles.api.segment`.
     """
     from deepisles.core import resolve_device
     from deepisles.engines import ENGINES
@@ -374,13 +375,15 @@ def run_batch(
     t0 = time.perf_counter()
     dataset = Path(dataset)
     opts = RunOptions(members=members, fast=fast, skull_strip=skull_strip, flair_registered=flair_registered,
-                      max_voxels=DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels)  # fmt: skip
+                      max_voxels=DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels,
+                      precision=precision)  # fmt: skip
     opts.check()
     if engine not in ENGINES:
         raise DeepIslesError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if workers < 0:
         raise DeepIslesError(f"--workers {workers}: expected 0 (automatic) or more")
     opts = replace(opts, device=resolve_device(device))
+    opts.check_device()
     cases = find_cases(dataset, require_mask=False, keep_ambiguous=True)
     k, n = shard
     mine = shard_cases(cases, k, n)

@@ -137,6 +137,7 @@ def segment(
     no_html: Annotated[bool, typer.Option("--no-html", help="Do not write report.html (the offline report with the viewer).")] = False,
     output_type: Annotated[str, typer.Option("--output-type", help="nifti (always written) | dicom-seg: also lesion_seg.dcm, a DICOM SEG referencing the DWI series (DICOM input only).")] = "nifti",
     max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse an input image whose header declares more voxels than this (all volumes; checked before its data is read).", min=1)] = DEFAULT_MAX_VOXELS,
+    precision: Annotated[str, typer.Option("--precision", help="CPU inference: fp32 (default, the reference arithmetic) | bf16 (opt-in, faster on CPUs with AMX/AVX512-BF16; differs slightly, docs/deviations.md).")] = "fp32",
 ) -> None:
     """Segment one case: lesion_mask.nii.gz, lesion_prob.nii.gz, report.json, lesions.csv, report.html and preview.png on the DWI grid."""
     from deepisles.api import segment as api_segment
@@ -148,7 +149,7 @@ def segment(
             dwi, adc, flair, outdir=outdir, skull_strip=skull_strip, members=members, device=device,
             bval=bval, fast=fast, save_members=save_members, overwrite=overwrite, preview=not no_preview,
             html=not no_html, output_type=output_type, max_voxels=max_voxels, progress=_StatusLine(status),
-            flair_registered=flair_registered,
+            flair_registered=flair_registered, precision=precision,
         )
     _warn_lines(result.report["warnings"])
     _print_result(result, outdir)
@@ -363,6 +364,7 @@ def batch(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the cases that failed in an earlier run (default: keep them failed).")] = False,
     max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse (as a failed case) an image whose header declares more voxels than this.", min=1)] = DEFAULT_MAX_VOXELS,
     flair_registered: Annotated[bool, typer.Option("--flair-registered", help="Every FLAIR is already registered to its DWI: skip the registration (as for `segment`).")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="CPU inference: fp32 (default) | bf16 (opt-in; as for `segment`).")] = "fp32",
     engine: Annotated[str, typer.Option("--engine", help="serial | pipelined (reading, registration, biomarkers and writing in worker processes while the members run; docs/batch.md).")] = "serial",
     workers: Annotated[int, typer.Option("--workers", help="pipelined: worker processes (0: CPU cores - 1, at most 4).", min=0)] = 0,
 ) -> None:
@@ -400,7 +402,7 @@ def batch(
         summary = run_batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
             retry_failed=retry_failed, max_voxels=max_voxels, progress=_Bar(bar, task), on_case=on_case,
-            flair_registered=flair_registered, engine=engine, workers=workers,
+            flair_registered=flair_registered, engine=engine, workers=workers, precision=precision,
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
     table.add_row("segmented now", str(summary.count("done")))

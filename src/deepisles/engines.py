@@ -250,7 +250,7 @@ def run_pipelined(ctx: Context, todo: list[DatasetCase], workers: int = 0) -> No
                 step.step("reading, registering (worker)")
                 loaded, pcase, trace, elapsed = fut.result()
                 t = time.perf_counter()
-                runs = run_members(ctx.member_set(), pcase, trace, step)
+                runs = run_members(ctx.member_set(), pcase, trace, step, ctx.opts.precision)
                 elapsed += time.perf_counter() - t
                 step.step("writing (worker)")
                 fin = pool.submit(_finish, job, loaded, pcase, runs, ctx.opts, trace, elapsed, ctx.out, ctx.workdir)

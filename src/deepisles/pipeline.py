@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepisles.engine.sliding_window import CPU_PRECISIONS, cpu_bf16_support, cpu_precision
 from deepisles.errors import DeepIslesError
 from deepisles.io.image import Image
 from deepisles.io.load import LoadedInputs
@@ -58,6 +59,7 @@ class RunOptions:
     flair_registered: bool = False
     max_voxels: int = DEFAULT_MAX_VOXELS
     output_type: str = "nifti"
+    precision: str = "fp32"  # CPU inference: fp32 (reference arithmetic) or bf16 (opt-in, CPUs with bf16 units)
 
     def check(self) -> None:
         """Option errors, before anything is read or loaded (``DeepIslesError``, exit code 2)."""
@@ -68,6 +70,19 @@ class RunOptions:
         if self.skull_strip not in SKULL_STRIP:
             raise DeepIslesError(f"--skull-strip {self.skull_strip}: expected one of {', '.join(SKULL_STRIP)}")
         check_member_spec(self.members)
+        if self.precision not in CPU_PRECISIONS:
+            raise DeepIslesError(f"--precision {self.precision}: expected one of {', '.join(CPU_PRECISIONS)}")
+
+    def check_device(self) -> None:
+        """Options that depend on the resolved device: ``--precision bf16`` needs a CPU with bfloat16 units."""
+        if self.precision != "bf16":
+            return
+        if self.device != "cpu":
+            raise DeepIslesError(f"--precision bf16 is for CPU inference; on {self.device} the members run float16 "
+                                 "autocast already")  # fmt: skip
+        if cpu_bf16_support() is None:
+            raise DeepIslesError("--precision bf16: this CPU has no bfloat16 instructions (AMX-BF16 or AVX512-BF16); "
+                                 "bfloat16 would be emulated and slower than the default fp32")  # fmt: skip
 
 
 @dataclass
@@ -193,8 +208,14 @@ def prepare_case(loaded: LoadedInputs, opts: RunOptions, trace: Trace, progress:
     return case
 
 
-def run_members(members: MemberSet, case, trace: Trace, progress: Progress) -> MemberRuns:
-    """Step 4: every member on the case; a member that turns out unavailable is skipped with its reason."""
+def run_members(members: MemberSet, case, trace: Trace, progress: Progress, precision: str = "fp32") -> MemberRuns:
+    """Step 4: every member on the case; a member that turns out unavailable is skipped with its reason.
+    ``precision``: CPU inference precision (:func:`deepisles.engine.sliding_window.cpu_precision`)."""
+    with cpu_precision(precision):
+        return _run_members(members, case, trace, progress)
+
+
+def _run_members(members: MemberSet, case, trace: Trace, progress: Progress) -> MemberRuns:
     from deepisles.members import MemberUnavailable
 
     results, records, skipped = [], [], list(members.skipped)
@@ -329,6 +350,7 @@ def make_report(files: InputFiles, loaded: LoadedInputs, runs: MemberRuns, ensem
         warnings=trace.warnings,
         timing_s=trace.timing,
         device=opts.device,
+        precision=opts.precision,
         fast=opts.fast,
         lesion_location=measurements.lesion_location,
         location=measurements.location,
@@ -350,7 +372,7 @@ def run_case(files: InputFiles, opts: RunOptions, *, layout=None, members: Membe
     loaded = validate(files, opts, trace, progress)
     members = members if members is not None else load_members(opts, progress)
     case = prepare_case(loaded, opts, trace, progress)
-    runs = run_members(members, case, trace, progress)
+    runs = run_members(members, case, trace, progress, opts.precision)
     return finish_case(files, loaded, case, runs, opts, trace, progress, layout=layout, outdir=outdir,
                        elapsed=time.perf_counter() - t_all)  # fmt: skip
 

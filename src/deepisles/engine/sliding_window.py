@@ -8,9 +8,11 @@ that results match it; the accumulation loop is the same for all.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,12 +117,43 @@ def constant(patch: Sequence[int]) -> torch.Tensor:
 
 
 # --- precision ----------------------------------------------------------------------------------
+CPU_PRECISIONS = ("fp32", "bf16")
+_CPU_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("deepisles_cpu_precision", default="fp32")
+
+
+@contextmanager
+def cpu_precision(precision: str):
+    """Within the block, CPU inference runs in ``precision``: ``fp32`` (default, the reference arithmetic) or
+    ``bf16`` (bfloat16 autocast; opt-in ``--precision bf16``, see :func:`check_cpu_bf16`)."""
+    if precision not in CPU_PRECISIONS:
+        raise ValueError(f"CPU precision {precision!r}: expected one of {CPU_PRECISIONS}")
+    token = _CPU_PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _CPU_PRECISION.reset(token)
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU's bfloat16 instructions (``amx_bf16`` / ``avx512_bf16`` from /proc/cpuinfo), or None."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(errors="replace").split())
+    except OSError:  # not Linux: unknown, treated as absent
+        return None
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return flag
+    return None
+
+
 def autocast(device: torch.device | str, amp: bool):
-    """float16 autocast on CUDA when ``amp`` (as nnU-Net and MONAI run the references); plain float32 otherwise,
-    on CPU always (no bfloat16 at inference)."""
+    """float16 autocast on CUDA when ``amp`` (as nnU-Net and MONAI run the references). On CPU plain float32,
+    unless the caller opted into bfloat16 (:func:`cpu_precision`)."""
     device = torch.device(device)
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu" and _CPU_PRECISION.get() == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
