@@ -57,6 +57,7 @@ def _write_case(root: Path, pid: str, mask: np.ndarray, affine: np.ndarray, regi
     folder.mkdir(parents=True)
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), folder / names.mask)
     nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), folder / names.probseg)
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), folder / names.agreement)
     (folder / names.probseg_json).write_text("{}")
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
     count = int(ndi.label(mask, np.ones((3, 3, 3)))[1])
@@ -64,7 +65,8 @@ def _write_case(root: Path, pid: str, mask: np.ndarray, affine: np.ndarray, regi
               "ensemble": {"rule": "majority"}, "lesions": {"volume_ml": float(mask.sum() * voxel_ml), "count": count},
               "location": {"registration": registration}}  # fmt: skip
     (folder / names.report).write_text(json.dumps(report))
-    sums = {n: sha256_file(folder / n) for n in (names.mask, names.probseg, names.probseg_json, names.report)}
+    sums = {n: sha256_file(folder / n)
+            for n in (names.mask, names.probseg, names.agreement, names.probseg_json, names.report)}
     sidecar = mask_sidecar(report, [], sums)
     (folder / names.mask_json).write_text(json.dumps(sidecar))
     return cohort_row(names, "ok", sidecar, report)
