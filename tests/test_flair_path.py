@@ -13,48 +13,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from typer.testing import CliRunner
 
 import deepisles
-from deepisles.cli import app
 from deepisles.io.image import Image
 from deepisles.preprocess import register
 from deepisles.preprocess.case import build_case
 from deepisles.preprocess.inputs import load_inputs
 from deepisles.preprocess.register import PASS_THROUGH_MM, align_to
 from deepisles.preprocess.resample import resample_to
+from test_segment_official import FACTORIZER_WEIGHT, FIX, PROB_TOL, SOURCES, _invoke, _load  # same fixtures
 
-OFFICIAL = Path(__file__).parent / "fixtures" / "official"
-FIX = OFFICIAL / "ensemble"
 DWI, ADC, FLAIR = (FIX / "inputs" / f"{m}.nii.gz" for m in ("dwi", "adc", "flair"))
 FLAIR_ON_DWI = FIX / "factorizer_input" / "flair_on_dwi.nii.gz"  # untouched by deepisles in these tests
-SOURCES = {
-    "SEALS": OFFICIAL / "seals" / "main" / "weights" / "SEALS",
-    "NVAUTO": OFFICIAL / "nvauto" / "weights" / "NVAUTO",
-    "FACTORIZER": OFFICIAL / "factorizer" / "weights" / "FACTORIZER",
-}
-# the tolerances of tests/test_segment_official.py and tests/test_member_factorizer.py
-PROB_TOL = 1e-3
 DICE_MIN = 0.999
-FACTORIZER_WEIGHT = 0.1
-
-runner = CliRunner()
-
-
-def _invoke(args) -> object:
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
-    return res
-
-
-def _load(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(str(path)).dataobj)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

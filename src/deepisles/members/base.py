@@ -248,6 +248,11 @@ class StoredMember(Member):
     def model_entry(cls, fold: int, arch: str | None = None) -> ModelEntry:
         raise NotImplementedError
 
+    @property
+    def models(self) -> list:
+        """The loaded networks, in ``config.models`` order."""
+        return self.networks
+
     @classmethod
     def models_to_run(cls, config: MemberConfig, fast: bool) -> tuple[ModelEntry, ...]:
         """The stored models a run uses (all; members with a ``fast`` subset override this)."""

@@ -257,10 +257,6 @@ class FactorizerMember(StoredMember):
                         for m in config.models]  # fmt: skip
 
     @property
-    def models(self) -> list[torch.nn.Module]:
-        return self.networks
-
-    @property
     def window(self) -> list[int]:
         return [int(r) for r in self.settings.roi_size]
 

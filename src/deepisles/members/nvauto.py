@@ -342,10 +342,6 @@ class NvautoMember(StoredMember):
         )
 
     @property
-    def models(self) -> list[torch.nn.Module]:
-        return self.networks
-
-    @property
     def window(self) -> list[int]:
         return [int(r) for r in self.settings.roi_size]
 
