@@ -81,7 +81,27 @@ def stats(dwi: Image, adc: Image, msk: Image) -> dict:
             "lesion_dwi_p95_ratio": float(np.percentile(d[m], 95) / p50),
             "lesion_adc_ratio": float(np.median(a[m]) / np.median(a[normal])),
         }
+        out |= component_stats(d, a, m, dwi.voxel_volume_ml, p50, float(np.median(a[normal])))
     return out
+
+
+def component_stats(d, a, m, voxel_ml: float, dwi_ref: float, adc_ref: float) -> dict:
+    """Per connected component (26-connectivity): volumes, and each component's median DWI / brain median and
+    median ADC / normal parenchyma; summarised by median and spread (interquartile range) over the components."""
+    lab, n = ndi.label(m, structure=np.ones((3, 3, 3)))
+    idx = np.arange(1, n + 1)
+    vol = ndi.sum(m, lab, idx) * voxel_ml
+    dr = np.array(ndi.median(d, lab, idx)) / dwi_ref
+    ar = np.array(ndi.median(a, lab, idx)) / adc_ref
+    q = lambda v: float(np.subtract(*np.percentile(v, [75, 25])))  # noqa: E731
+    return {
+        "comp_volume_median": float(np.median(vol)),
+        "comp_small_fraction": float(np.mean(vol <= 0.1)),
+        "comp_dwi_ratio_median": float(np.median(dr)),
+        "comp_dwi_ratio_iqr": q(dr),
+        "comp_adc_ratio_median": float(np.median(ar)),
+        "comp_adc_ratio_iqr": q(ar),
+    }
 
 
 def pick_slices(mask: np.ndarray, brain: np.ndarray, n: int = 4) -> list[int]:
@@ -198,6 +218,12 @@ def table(real: dict | None, synth: list[dict]) -> str:
         ("lesion_dwi_p95_ratio", "lesion 95th pct / brain DWI median"),
         ("lesion_adc_median", "lesion ADC median"),
         ("lesion_adc_ratio", "lesion / normal parenchyma ADC median"),
+        ("comp_volume_median", "per component: median volume (mL)"),
+        ("comp_small_fraction", "per component: fraction <= 0.1 mL"),
+        ("comp_dwi_ratio_median", "per component: median of (DWI median / brain median)"),
+        ("comp_dwi_ratio_iqr", "per component: IQR of that DWI ratio"),
+        ("comp_adc_ratio_median", "per component: median of (ADC median / normal parenchyma)"),
+        ("comp_adc_ratio_iqr", "per component: IQR of that ADC ratio"),
     ]
     lines = [
         "| statistic | real sub-strokecase0001 | synthetic mean ± sd | synthetic min – max | n |",
@@ -220,6 +246,23 @@ def table(real: dict | None, synth: list[dict]) -> str:
             f"{_fmt(min(vals))} – {_fmt(max(vals))} | {len(vals)} |"
         )
     return "\n".join(lines)
+
+
+def masks_only_components(folder: Path) -> list[str]:
+    """Component volumes of the real expert masks that come without images (shared/data/isles22/masks-only)."""
+    rows = []
+    for f in sorted(folder.glob("*_msk.nii*")):
+        img = nib.load(str(f))
+        m = np.asarray(img.dataobj) > 0
+        lab, n = ndi.label(m, structure=np.ones((3, 3, 3)))
+        vol = ndi.sum(m, lab, np.arange(1, n + 1)) * float(np.prod(img.header.get_zooms()[:3])) / 1000
+        rows.append(f"| {f.name.split('_')[0]} | {n} | {m.sum() * float(np.prod(img.header.get_zooms()[:3])) / 1000:.2f} "
+                    f"| {np.median(vol):.3f} | {np.mean(vol <= 0.1):.2f} |")  # fmt: skip
+    if not rows:
+        return []
+    return ["Two more real expert masks (no images, `masks-only/`): lesion size structure only.", "",
+            "| real mask | components | volume (mL) | median component (mL) | fraction <= 0.1 mL |",
+            "|---|---|---|---|---|", *rows, ""]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu.append(time.process_time() - c0)
         s = stats(case.dwi, case.adc, case.mask)
         s["scenario"] = case.meta["scenario"]
+        s["artefacts"] = case.meta["dwi"].get("artefacts", {})
         synth_stats.append(s)
         cases.append((f"seed {args.seed} case {i} ({case.meta['scenario']})", case))
         print(
@@ -274,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     scen = {}
     for s in synth_stats:
         scen[s["scenario"]] = scen.get(s["scenario"], 0) + 1
+    art = {"susceptibility pile-up/loss": sum(bool(s["artefacts"].get("susceptibility")) for s in synth_stats),
+           "Gibbs ringing": sum("gibbs_kspace_kept" in s["artefacts"] for s in synth_stats),
+           "N/2 ghost": sum("nyquist_ghost" in s["artefacts"] for s in synth_stats),
+           "b0/b1000 motion": sum("b0_dwi_motion_vox" in s["artefacts"] for s in synth_stats)}  # fmt: skip
+    masks_only = masks_only_components(args.real.parent / "masks-only")
     md = [
         "# Realism of the synthetic cases",
         "",
@@ -290,12 +339,20 @@ def main(argv: list[str] | None = None) -> int:
         ", atrophy that turns the template's faint sulci into CSF clefts, a 0-3 mm CSF rim kept by skull stripping"
         ", white-matter hyperintensities in some older subjects.",
         "- **Lesions** (template space): territorial wedges (MCA/ACA/PCA/cerebellar, cone from a deep apex), "
-        "cortical, subcortical, lacunar and embolic showers; exact volumes (0.05-200 mL, log-uniform), irregular "
+        "cortical, subcortical, lacunar, embolic, showers of 8-40 tiny emboli (0.01-0.4 mL) and main infarcts "
+        "with up to 30 tiny satellites (the structure of real ISLES'22 masks: many components of a few voxels); "
+        "exact volumes (0.01-200 mL, log-uniform), irregular "
         "borders from smoothed noise, territory borders from jittered MNI coordinates, tissue (never CSF) only.",
-        "- **Contrast**: per compartment, S0 (b0) and S_b = S0 exp(-b ADC) with b = 1000; lesion: ADC -30..-60 %,"
-        " T2 (S0) and FLAIR increase growing with time since onset (FLAIR-negative before ~4.5 h).",
+        "- **Contrast**: per compartment, S0 (b0) and S_b = S0 exp(-b ADC) with b = 1000; lesion ADC drop drawn "
+        "per lesion from Beta(2.2, 3.5) on 8-60 % (mean ~27 %; rADC ~0.5-0.8 in the first day, rising later - "
+        "Schlaug et al. 1997, Lansberg et al. 2001; the clinical core threshold ADC < 0.62, Purushotham et al. "
+        "2015, is rADC ~0.7, so much of a DWI lesion is milder), "
+        "T2 (S0) and FLAIR increase growing with time since onset (FLAIR-negative before ~4.5 h). "
+        "T2 shine-through mimics (not lesions) in 35 % of cases: long-T2 tissue with normal or raised ADC.",
         "- **Acquisition**: random grid (1-2 mm in-plane, 2-5 mm slices, random axis order/flips, obliquity), "
-        "box slice profile (sub-samples averaged), mild EPI distortion near the sinuses, coil bias, Rician noise "
+        "box slice profile (sub-samples averaged), mild EPI distortion near the sinuses, EPI susceptibility "
+        "pile-up and signal loss next to the frontal sinus/orbits and the petrous bone (often both sides; 75 % of "
+        "cases), Gibbs ringing, N/2 ghosts and b0/b1000 motion on the scanner grid, coil bias, Rician noise "
         "on b0 and trace DWI, ADC computed from the noisy pair like a scanner. Expert-like mask: DWI voxels >= 50 % "
         "covered by infarcted tissue. FLAIR on its own grid (2D 0.7-1 x 4-6 mm or 3D ~1 mm) after a small head "
         "motion: not registered to the DWI.",
@@ -316,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Scenarios drawn: {', '.join(f'{k} {v}' for k, v in sorted(scen.items()))}.",
         "",
+        f"EPI artefacts drawn (cases of {args.n}): {', '.join(f'{k} {v}' for k, v in art.items())}.",
+        "",
+        *masks_only,
         f"Generation time per case (this machine, 1 process, FLAIR included, template already cached): "
         f"median {np.median(times):.2f} s, max {max(times):.2f} s wall; CPU median {np.median(cpu):.2f} s. "
         f"Loading and caching the template once per process: {t_template:.2f} s.",
@@ -326,12 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         "isotropic; the synthetic set spans scanners, atrophy and lesion scenarios, so it should bracket rather "
         "than equal it.",
         "- Small lesions at thick slices carry partial volume (CSF, normal tissue) into the mask, exactly as in "
-        "real data: the real mask's median ADC is only slightly below normal parenchyma. The synthetic model's "
-        "ADC drop inside infarcted tissue is 30-60 % by construction (tests check it both in the noiseless model "
+        "real data: the real mask's median ADC is only slightly below normal parenchyma. The synthetic "
+        "ADC drop inside infarcted tissue is drawn per lesion (tests check it both in the noiseless model "
         "and in the written images).",
-        "- Known simplifications: the anatomy is one template (warped), so gyral patterns repeat; no Gibbs ringing,"
-        " N/2 ghosts or motion artefacts; FLAIR intensity scale is arbitrary (no real FLAIR to compare with here);"
-        " no skull, only skull-stripped output.",
+        "- Known simplifications: the anatomy is one template (warped), so gyral patterns repeat; FLAIR intensity "
+        "scale is arbitrary (no real FLAIR to compare with here); no skull, only skull-stripped output; the "
+        "artefacts are placed by MNI region, not simulated from a field map.",
         "",
         "## Calibration from dipy's real EPI b0",
         "",

@@ -1,7 +1,7 @@
 """Train the packaged default ensemble: compact SEALS, NVAUTO and FACTORIZER on synthetic cases only.
 
     python scripts/train_default_models.py --out /tmp/default-runs [--members seals,nvauto,factorizer]
-        [--iterations 3000] [--threads 1] [--seed 1] [--device cpu] [--package]
+        [--iterations 3000] [--threads 1] [--seed 1] [--device cpu] [--init none|default] [--package]
 
 Each member is trained by ``deepisles.training`` (the code behind ``deepisles train``) from random
 initialisation (``--init none``: the compact recipes, ``COMPACT_RECIPE`` in members/<member>.py) on synthetic
@@ -34,7 +34,7 @@ def _train_one(member: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(member=member, out=Path(args.out) / member, iterations=args.iterations, seed=args.seed,
-                      device=args.device, lr=args.lr, warmup=100, val_every=args.val_every,
+                      device=args.device, lr=args.lr, warmup=args.warmup, init=args.init, amp=not args.no_amp, val_every=args.val_every,
                       checkpoint_every=args.val_every, val_cases=args.val_cases, pool_size=args.pool_size,
                       refresh_every=args.refresh_every, install=False, overwrite=not args.resume,
                       resume=args.resume, origin={"recipe": "scripts/train_default_models.py"})  # fmt: skip
@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--members", default="seals,nvauto,factorizer")
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--init", default="none", choices=["none", "default"],
+                    help="none: from random weights; default: fine-tune the packaged default model")
+    ap.add_argument("--no-amp", action="store_true", help="float32 (bfloat16 autocast on CPU otherwise)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")

@@ -296,3 +296,20 @@ def test_reads_synth_dataset(tmp_path):
     loaded, mask = load_case(cases[0])
     assert mask.data.dtype == np.uint8 and mask.same_grid(loaded.dwi)
     assert mask.shape == loaded.dwi.shape and loaded.adc.same_grid(loaded.dwi)
+
+
+def test_positive_patches_pick_lesions_uniformly_not_voxels():
+    """A 1-voxel embolus next to a 4,000-voxel infarct is the centre of about half the positive patches."""
+    from deepisles.training.loop import random_patch
+    from deepisles.training.members import Sample
+
+    lab = np.zeros((64, 64, 64), np.uint8)
+    lab[4:20, 4:20, 4:20] = 1  # 4,096 voxels
+    lab[50, 50, 50] = 1  # one voxel
+    img = np.ones((2, 64, 64, 64), np.float32)
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(200):
+        _, y = random_patch(Sample(img, lab), [16, 16, 16], rng, pos_fraction=1.0)
+        hits += bool(y[0, ...].sum() == 1)  # the patch holds the embolus alone
+    assert 70 < hits < 130, hits

@@ -29,6 +29,7 @@ B_VALUE = 1000.0  # s/mm^2
 # sigma, and the 99th-percentile (CSF) / median brain signal ratio.
 DIPY_B0_SNR = 22.0
 DIPY_B0_CSF_RATIO = 5.9
+MIMIC_P = 0.35  # cases with T2 shine-through mimics (1-3 blobs of long-T2, normal-ADC tissue)
 
 
 @dataclass
@@ -171,7 +172,25 @@ def signal_maps(
         wmh = ndi.gaussian_filter(wmh.astype(np.float32), 0.7)
         fl = fl + 0.9 * wmh
         t2 = t2 + 0.25 * wmh
-        adc_up = 0.35 * wmh
+        adc_up = (0.35 * wmh).astype(np.float32)
+
+    # T2 shine-through mimics (not lesions): older infarcts / gliosis / oedema with long T2 and normal or raised
+    # ADC, bright on DWI by their T2 alone - the other "DWI-bright, ADC-normal" false positives
+    mimics = int(rng.integers(1, 4)) if rng.random() < MIMIC_P else 0
+    tissue_pool = np.argwhere((gm + wm > 0.7) & ~inside) if mimics else None
+    for _ in range(mimics):
+        if tissue_pool is None or len(tissue_pool) == 0:
+            break
+        c = tissue_pool[int(rng.integers(len(tissue_pool)))]
+        r = rng.uniform(2.0, 8.0) / template.spacing * rng.uniform(0.6, 1.4, 3)
+        lo = np.maximum(c - np.ceil(2.5 * r).astype(int), 0)
+        hi = np.minimum(c + np.ceil(2.5 * r).astype(int) + 1, shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        g = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+        w = np.exp(-sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r, strict=True))).astype(np.float32)
+        w *= ~inside[sl]
+        t2[sl] += float(rng.uniform(0.3, 0.9)) * w
+        adc_up[sl] += float(rng.uniform(0.0, 0.4)) * w
 
     # fine (~1 mm) and blotchy (~4 mm) tissue texture that the template average has lost
     tex = 1.0 + params.texture * (0.8 * smooth_noise(rng, shape, 0.8) + 0.6 * smooth_noise(rng, shape, 2.5))

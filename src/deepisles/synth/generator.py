@@ -15,6 +15,7 @@ from deepisles.io.write import check_output_dir, write_json_atomic, write_nifti_
 from deepisles.progress import Progress, as_progress
 from deepisles.synth.acquisition import active_voxels, make_grid, subsample_factors, supersample
 from deepisles.synth.anatomy import Template, load_template
+from deepisles.synth.artefacts import grid_artefacts, susceptibility
 from deepisles.synth.contrast import (
     B_VALUE,
     DIPY_B0_SNR,
@@ -60,7 +61,7 @@ def generate_case(
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(int(seed))
     u_lesion = rng.random()
-    r_subject, r_lesion, r_contrast, r_dwi, r_flair = rng.spawn(5)
+    r_subject, r_lesion, r_contrast, r_dwi, r_flair, r_epi, r_grid = rng.spawn(7)
     has_lesion = (u_lesion >= LESION_FREE_P) if lesion is None else bool(lesion)
 
     template = load_template()
@@ -80,8 +81,10 @@ def generate_case(
         labels = np.zeros(template.shape, np.uint8)
         lesion_params = {}
     maps = signal_maps(r_contrast, template, subject, tissue, labels, lesion_params)
+    epi = susceptibility(r_epi, template, maps.s0, maps.sb)
 
-    dwi, adc, mask, dwi_meta, lesion_voxels = _acquire_dwi(r_dwi, template, warp, maps, labels)
+    dwi, adc, mask, dwi_meta, lesion_voxels = _acquire_dwi(r_dwi, template, warp, maps, labels, r_grid)
+    dwi_meta["artefacts"] = {**epi, **dwi_meta.get("artefacts", {})}
     flair, flair_meta = _acquire_flair(r_flair, template, warp, maps) if with_flair else (None, None)
 
     lesion_list = []
@@ -126,7 +129,8 @@ def _noisy(rng, values: np.ndarray, voxels: np.ndarray, sigma: float, corr: floa
 
 
 def _acquire_dwi(
-    rng: np.random.Generator, template: Template, warp: SubjectWarp, maps: SignalMaps, labels: np.ndarray
+    rng: np.random.Generator, template: Template, warp: SubjectWarp, maps: SignalMaps, labels: np.ndarray,
+    r_grid: np.random.Generator | None = None,
 ) -> tuple[Image, Image, Image, dict, dict[int, int]]:
     inplane = float(rng.uniform(1.0, 2.0))
     thick = float(rng.uniform(2.0, 5.0))
@@ -153,6 +157,17 @@ def _acquire_dwi(
     scale = target / float(np.median(sb))
     s0 *= scale
     sb *= scale
+    artefacts: dict = {}
+    if r_grid is not None:  # Gibbs ringing, N/2 ghost, b0/b1000 motion on the scanner grid (before noise)
+        loc = tuple(bvox.T)
+        full0, fullb = np.zeros(grid.shape, np.float32), np.zeros(grid.shape, np.float32)
+        inside = np.zeros(grid.shape, bool)
+        full0[loc], fullb[loc], inside[loc] = s0, sb, True
+        thick = grid.meta["axis_order"].index(2)  # slices are stacked along S (make_grid's physical axis 2)
+        inplane = tuple(a for a in range(3) if a != thick)
+        phase = next((a for a in inplane if grid.meta["axis_order"][a] == 1), inplane[-1])  # the A-P axis
+        full0, fullb, artefacts = grid_artefacts(r_grid, full0, fullb, inside, inplane, phase)
+        s0, sb = full0[loc], fullb[loc]
     # SNR of the trace image relative to the brain median; b0 has one average vs three directions
     snr = float(rng.uniform(0.7, 1.5) * DIPY_B0_SNR)
     sigma = target / snr
@@ -205,6 +220,7 @@ def _acquire_dwi(
         "noise_sigma": round(sigma, 3),
         "noise_correlation_vox": round(corr, 3),
         "bias_amplitude": round(bias_amp, 3),
+        "artefacts": artefacts,
     }
     src = "synth"
     return (

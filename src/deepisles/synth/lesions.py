@@ -1,4 +1,5 @@
-"""Infarct-like lesions drawn in template (MNI) space: territorial wedges, cortical, subcortical, lacunar, emboli.
+"""Infarct-like lesions drawn in template (MNI) space: territorial wedges, cortical, subcortical, lacunar, emboli,
+showers of tiny emboli and satellites around a main infarct.
 
 Every lesion grows the same way: inside a bounding box around its centre, each allowed voxel (brain tissue of
 the right territory and hemisphere, not yet taken) gets a score ``-distance/size + smooth noise`` (plus, for
@@ -29,24 +30,36 @@ from deepisles.synth.anatomy import (
 )
 from deepisles.synth.fields import smooth_noise
 
-MIN_VOLUME_ML = 0.05
+MIN_VOLUME_ML = 0.01  # one 2 mm voxel is 0.008 mL: real expert masks hold single-voxel components
 MAX_VOLUME_ML = 200.0
 
+# Real ISLES'22 masks are dominated by many tiny components: the shared case 0001 has 31 (median 0.09 mL),
+# the masks-only case 0003 one 29 mL infarct with 45 satellites of 0.008-0.16 mL. Showers and satellites model that.
 SCENARIOS = {
-    "territorial": 0.22,
-    "cortical": 0.14,
-    "subcortical": 0.12,
-    "lacunar": 0.14,
-    "embolic": 0.26,
-    "territorial+emboli": 0.12,
+    "territorial": 0.14,
+    "cortical": 0.10,
+    "subcortical": 0.09,
+    "lacunar": 0.10,
+    "embolic": 0.15,
+    "shower": 0.20,
+    "territorial+emboli": 0.22,
 }
 _VOLUME_RANGE_ML = {
     "territorial": (8.0, 180.0),
     "cortical": (0.3, 15.0),
     "subcortical": (0.8, 35.0),
-    "lacunar": (MIN_VOLUME_ML, 1.5),
-    "embolus": (MIN_VOLUME_ML, 3.0),
+    "lacunar": (0.03, 1.5),
+    "embolus": (MIN_VOLUME_ML, 2.0),
+    "tiny": (MIN_VOLUME_ML, 0.4),
 }
+
+# Lesion contrast in infarcted tissue. ADC: ratio to normal tissue (rADC) about 0.5-0.8 in the first day and rising
+# towards normal over days (pseudonormalisation; Schlaug et al., Neurology 1997;49:113-119; Lansberg et al.,
+# AJNR 2001;22:637-644); the core threshold used clinically is ADC < 0.62 x 10^-3 mm^2/s (Purushotham et al.,
+# Int J Stroke 2015;10:348-353), i.e. rADC ~0.7 - so much of a DWI lesion lies between 0.62 and normal. Drawn per
+# lesion: drop = 1 - rADC from a Beta(2.2, 3.5) on [0.08, 0.6] (mean ~0.27), smaller late after onset.
+ADC_DROP_RANGE = (0.08, 0.6)
+ADC_DROP_BETA = (2.2, 3.5)
 _TERRITORY_WEIGHTS = {
     "territorial": {MCA: 0.6, PCA: 0.18, ACA: 0.12, CEREBELLUM: 0.10},
     "cortical": {MCA: 0.65, PCA: 0.15, ACA: 0.12, CEREBELLUM: 0.08},
@@ -283,8 +296,11 @@ def sample_lesions(
     flair_visible = bool(onset > rng.uniform(3.0, 6.0))
     t2_base = 0.05 + 0.4 * float(np.clip((onset - 1.0) / 24.0, 0.0, 1.0))
 
+    late = float(np.clip((onset - 24.0) / 24.0, 0.0, 1.0))  # pseudonormalisation begins after ~1 day
+
     def params() -> tuple[float, float, float]:
-        drop = float(rng.uniform(0.3, 0.6))
+        lo, hi = ADC_DROP_RANGE
+        drop = float(lo + (hi - lo) * rng.beta(*ADC_DROP_BETA) * (1.0 - 0.4 * late))
         t2 = float(np.clip(t2_base * rng.uniform(0.7, 1.3), 0.0, 0.55))
         fl = (
             float(rng.uniform(0.15, 0.3) + 0.35 * np.clip((onset - 4.5) / 24.0, 0, 1))
@@ -347,12 +363,12 @@ def sample_lesions(
             axes=axes, rotation=rot, noise_amp=amp, noise_sigma_vox=1.2, params=params(),
         )  # fmt: skip
 
-    def emboli(n: int, home: int) -> None:
+    def emboli(n: int, home: int, size: str = "embolus") -> None:
         for _ in range(n):
             left = budget - sum(les.volume_ml for les in p.lesions)
             if left < 0.5:
                 break
-            vol = min(_log_uniform(rng, *_VOLUME_RANGE_ML["embolus"]), left)
+            vol = min(_log_uniform(rng, *_VOLUME_RANGE_ML[size]), left)
             u = rng.random()
             side = hemisphere if u < 0.75 else ("R" if hemisphere == "L" else "L")
             if rng.random() < 0.75:
@@ -374,9 +390,13 @@ def sample_lesions(
     elif scenario == "embolic":
         n = int(min(2 + rng.geometric(0.3), 14))
         emboli(n, _pick(rng, _TERRITORY_WEIGHTS["cortical"]))
-    else:  # territorial + emboli
-        territorial(_log_uniform(rng, 5.0, 120.0))
+    elif scenario == "shower":  # many tiny emboli, a few of them larger
+        emboli(int(rng.integers(8, 41)), _pick(rng, _TERRITORY_WEIGHTS["cortical"]), size="tiny")
+        emboli(int(rng.integers(0, 4)), MCA)
+    else:  # territorial + emboli: a main infarct with small satellites
+        territorial(_log_uniform(rng, 2.0, 120.0))
         emboli(int(rng.integers(1, 5)), MCA)
+        emboli(int(rng.integers(0, 31)), MCA, size="tiny")
 
     if not p.lesions:  # every draw failed (never seen in practice): fall back to one cortical MCA lesion
         cortical(_log_uniform(rng, *_VOLUME_RANGE_ML["cortical"]), terr=MCA)

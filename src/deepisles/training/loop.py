@@ -130,7 +130,9 @@ class Pool:
 
 def random_patch(s: Sample, patch: list[int], rng: np.random.Generator, pos_fraction: float):
     """A patch (C, *patch) and its label (1, *patch); with probability ``pos_fraction`` centred (with jitter) on a
-    lesion voxel, else on a random non-zero voxel."""
+    lesion voxel, else on a random non-zero voxel. The lesion voxel is drawn from a lesion (connected component,
+    26-connectivity) chosen uniformly, so a shower's one-voxel emboli are trained as often as a territorial
+    infarct (a voxel drawn uniformly would almost always fall in the largest lesion)."""
     img, lab = s.image, s.label
     need = [max(0, p - n) for p, n in zip(patch, lab.shape, strict=True)]
     if any(need):
@@ -138,7 +140,10 @@ def random_patch(s: Sample, patch: list[int], rng: np.random.Generator, pos_frac
         img = np.pad(img, [(0, 0), *pads])
         lab = np.pad(lab, pads)
     if lab.any() and rng.random() < pos_fraction:
-        pts = np.argwhere(lab)
+        import cc3d
+
+        comps, n = cc3d.connected_components(lab > 0, connectivity=26, return_N=True)
+        pts = np.argwhere(comps == int(rng.integers(1, n + 1)))
     else:
         pts = np.argwhere(img[0] != 0)
         if len(pts) == 0:
