@@ -23,6 +23,18 @@ from bench_common import dump_json, provenance, run_measured, tail  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+def mean_steps(root: Path) -> dict:
+    """Mean of each step's seconds (report.json ``timing_s``) over the cases of one run: where the time goes."""
+    import json
+
+    sums: dict = {}
+    reports = sorted(root.rglob("*_report.json"))
+    for f in reports:
+        for k, v in json.loads(f.read_text()).get("timing_s", {}).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: round(v / len(reports), 2) for k, v in sums.items()} if reports else {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=20)
@@ -43,6 +55,7 @@ def main() -> int:
     env = {**os.environ, "DEEPISLES_HOME": str(args.work / "home")}  # empty store: auto = packaged defaults
     deepisles = str(Path(sys.executable).with_name("deepisles"))
     runs = {}
+    load0 = list(os.getloadavg())
     for engine in args.engines.split(","):
         out = args.work / f"out-{engine}"
         cmd = [deepisles, "batch", "--input", str(args.work / "ds"), "-o", str(out), "--members", "auto",
@@ -50,7 +63,8 @@ def main() -> int:
         print(f"[{engine}] {' '.join(cmd)}", flush=True)
         r = run_measured(cmd, env=env, log=args.work / f"{engine}.log")
         masks = sorted(out.rglob("*_desc-lesion_mask.nii.gz"))
-        r.update(engine=engine, cases_done=len(masks), cases_per_hour=round(len(masks) / r["wall_s"] * 3600, 1))
+        r.update(engine=engine, cases_done=len(masks), cases_per_hour=round(len(masks) / r["wall_s"] * 3600, 1),
+                 mean_step_s=mean_steps(out), loadavg_after=list(os.getloadavg()))
         if r["returncode"] != 0:
             r["log_tail"] = tail(r["log"])
         runs[engine] = r
@@ -59,7 +73,7 @@ def main() -> int:
         "benchmark": "batch_throughput",
         "what": "deepisles batch wall time (start-up + model loading + all cases) per engine, default models, CPU",
         "cases": args.cases, "seed": args.seed, "workers": args.workers, "synth_s": round(synth_s, 1),
-        "cpu_count": os.cpu_count(), "runs": runs, "provenance": provenance(),
+        "cpu_count": os.cpu_count(), "loadavg_before": load0, "runs": runs, "provenance": provenance(),
     }  # fmt: skip
     if {"serial", "pipelined"} <= runs.keys():
         s, p = runs["serial"], runs["pipelined"]
