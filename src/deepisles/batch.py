@@ -355,6 +355,8 @@ def run_batch(
     engine: str = "serial",
     workers: int = 0,
     precision: str = "fp32",
+    ray_address: str | None = None,
+    ray_cpus_per_actor: int = 0,
 ) -> BatchSummary:
     """Segment every case of ``dataset`` (shard ``K/N``) into BIDS derivatives under ``outroot`` (default
     ``DATASET/derivatives/deepisles``), skipping finished cases (and earlier failures unless
@@ -363,8 +365,10 @@ def run_batch(
     ``step("CASE: stage")`` within a case; ``on_case(outcome)`` after each case. Every case runs the steps of
     :mod:`deepisles.pipeline` with the members loaded once and is written by its writer with a
     :class:`~deepisles.pipeline.BidsLayout`. ``flair_registered``: as for :func:`deepisles.api.segment`.
-    ``engine``: ``serial`` or ``pipelined`` (``workers`` processes, 0: the engine's default), see
-    :mod:`deepisles.engines`. ``precision``: CPU inference precision, as for :func:`deepisles.api.segment`.
+    ``engine``: ``serial``, ``pipelined`` (``workers`` processes, 0: the engine's default) or ``ray`` (Ray at
+    ``ray_address``, default a local instance; ``ray_cpus_per_actor``, 0: the engine's default; the device is
+    chosen per actor), see :mod:`deepisles.engines`. ``precision``: CPU inference precision, as for
+    :func:`deepisles.api.segment`.
     """
     from deepisles.core import resolve_device
     from deepisles.engines import ENGINES
@@ -382,8 +386,16 @@ def run_batch(
         raise DeepIslesError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if workers < 0:
         raise DeepIslesError(f"--workers {workers}: expected 0 (automatic) or more")
-    opts = replace(opts, device=resolve_device(device))
-    opts.check_device()
+    if engine == "ray":  # Ray missing: fails now; the device is resolved per actor, from the cluster's GPUs
+        from deepisles.engine_ray import device_request, import_ray
+
+        import_ray()
+        if ray_cpus_per_actor < 0:
+            raise DeepIslesError(f"--ray-cpus-per-actor {ray_cpus_per_actor}: expected 0 (automatic) or more")
+        opts = replace(opts, device=device_request(device))
+    else:
+        opts = replace(opts, device=resolve_device(device))
+        opts.check_device()
     cases = find_cases(dataset, require_mask=False, keep_ambiguous=True)
     k, n = shard
     mine = shard_cases(cases, k, n)
@@ -392,7 +404,8 @@ def run_batch(
     with run_lock(out, (k, n)):
         return _run_locked(dataset, out, cases, mine, opts, shard=(k, n), retry_failed=retry_failed,
                            progress=as_progress(progress), on_case=on_case, t0=t0,
-                           engine=dict(engine=engine, workers=workers))  # fmt: skip
+                           engine=dict(engine=engine, workers=workers, ray_address=ray_address,
+                                       ray_cpus_per_actor=ray_cpus_per_actor))  # fmt: skip
 
 
 def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progress, on_case, t0,
@@ -402,7 +415,8 @@ def _run_locked(dataset, out, cases, mine, opts, *, shard, retry_failed, progres
     from deepisles.pipeline import load_members
 
     k, n = shard
-    member_set = load_members(opts, progress)  # the networks, once for the whole run
+    # the networks, once for the whole run (the Ray engine's actors load their own)
+    member_set = None if engine["engine"] == "ray" else load_members(opts, progress)
     raw_root = dataset / "rawdata" if (dataset / "rawdata").is_dir() else dataset
     write_json_atomic(out / "dataset_description.json", dataset_description(raw_link(raw_root, out)))
     write_text_atomic(out / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")

@@ -365,8 +365,10 @@ def batch(
     max_voxels: Annotated[int, typer.Option("--max-voxels", help="Refuse (as a failed case) an image whose header declares more voxels than this.", min=1)] = DEFAULT_MAX_VOXELS,
     flair_registered: Annotated[bool, typer.Option("--flair-registered", help="Every FLAIR is already registered to its DWI: skip the registration (as for `segment`).")] = False,
     precision: Annotated[str, typer.Option("--precision", help="CPU inference: fp32 (default) | bf16 (opt-in; as for `segment`).")] = "fp32",
-    engine: Annotated[str, typer.Option("--engine", help="serial | pipelined (reading, registration, biomarkers and writing in worker processes while the members run; docs/batch.md).")] = "serial",
+    engine: Annotated[str, typer.Option("--engine", help="serial | pipelined (reading, registration, biomarkers and writing in worker processes while the members run) | ray (cases on Ray actors, local or a cluster; pip install 'deepisles\\[ray]'). docs/batch.md.")] = "serial",
     workers: Annotated[int, typer.Option("--workers", help="pipelined: worker processes (0: CPU cores - 1, at most 4).", min=0)] = 0,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray: the cluster to join (auto, HOST:PORT or ray://...; default: start a local Ray instance with this machine's CPUs and GPUs).")] = None,
+    ray_cpus_per_actor: Annotated[int, typer.Option("--ray-cpus-per-actor", help="ray: CPUs per actor when the actors run on CPU (0: 2, or a node's CPUs if fewer); with GPUs one actor per GPU.", min=0)] = 0,
 ) -> None:
     """Segment every case of a dataset into BIDS derivatives (resumable, kill-safe, shardable; docs/batch.md).
 
@@ -403,6 +405,7 @@ def batch(
             dataset, outroot, members=members, device=device, fast=fast, skull_strip=skull_strip, shard=(k, n),
             retry_failed=retry_failed, max_voxels=max_voxels, progress=_Bar(bar, task), on_case=on_case,
             flair_registered=flair_registered, engine=engine, workers=workers, precision=precision,
+            ray_address=ray_address, ray_cpus_per_actor=ray_cpus_per_actor,
         )
     table = Table(title=f"deepisles batch, shard {k}/{n}: {summary.cases} case(s)", show_header=False)
     table.add_row("segmented now", str(summary.count("done")))

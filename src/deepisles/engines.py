@@ -1,4 +1,4 @@
-"""How ``deepisles batch`` runs its cases (``--engine``): ``serial`` or ``pipelined``.
+"""How ``deepisles batch`` runs its cases (``--engine``): ``serial``, ``pipelined`` or ``ray``.
 
 Every engine runs the steps of :mod:`deepisles.pipeline` and hands each case to :func:`deepisles.batch.publish_case`
 (private work folder, fsync, one rename), logs failures through the same :class:`Context` and sees only the cases
@@ -9,6 +9,8 @@ whichever engine ran a case.
 - ``pipelined``: steps 1-3 (read, validate, register, brain mask) and steps 5-8 (combine, measure, report, write,
   publish) in a pool of worker processes, the members (step 4) here with the models loaded once; at most
   ``AHEAD`` cases prepared ahead and ``AHEAD`` waiting to be written (bounded memory).
+- ``ray``: steps 1-7 on Ray actors (members loaded once per actor), publishing here: :mod:`deepisles.engine_ray`
+  (Ray is optional and imported only for this engine).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from deepisles.io.dataset import DatasetCase
 from deepisles.outputs.bids import CaseNames, bids_uri
 from deepisles.progress import Prefixed, Progress, Silent
 
-ENGINES = ("serial", "pipelined")
+ENGINES = ("serial", "pipelined", "ray")
 AHEAD = 2  # cases prepared ahead of the members, and cases waiting to be written
 
 
@@ -79,11 +81,16 @@ class Context:
         self.record(CaseOutcome(case.case_id, "failed", time.perf_counter() - t0, error))
 
 
-def run(engine: str, ctx: Context, todo: list[DatasetCase], *, workers: int = 0) -> None:
+def run(engine: str, ctx: Context, todo: list[DatasetCase], *, workers: int = 0, ray_address: str | None = None,
+        ray_cpus_per_actor: int = 0) -> None:  # fmt: skip
     if engine == "serial":
         run_serial(ctx, todo)
     elif engine == "pipelined":
         run_pipelined(ctx, todo, workers)
+    elif engine == "ray":
+        from deepisles.engine_ray import run_ray
+
+        run_ray(ctx, todo, address=ray_address, cpus_per_actor=ray_cpus_per_actor)
     else:
         raise DeepIslesError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
 
