@@ -133,6 +133,75 @@ class PhaseMeter:
         self._name = None
 
 
+# --- GPU memory as the driver sees it ----------------------------------------------------------------
+def nvidia_smi(query: str, index: int = 0) -> list[str] | None:
+    """``nvidia-smi --query-gpu=QUERY`` of GPU ``index`` as a list of fields, or None (no nvidia-smi / failure)."""
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", str(index)],
+                           capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    return [f.strip() for f in r.stdout.strip().splitlines()[0].split(",")]
+
+
+class NvidiaSmiSampler:
+    """Context manager: the largest ``memory.used`` (MiB, whole GPU: every process, CUDA contexts and caching
+    allocators included) that ``nvidia-smi`` reports while the block runs, sampled every ``interval`` seconds,
+    and what was used before it started (``baseline_mib``). ``result()`` is None without nvidia-smi."""
+
+    def __init__(self, enabled: bool = True, index: int = 0, interval: float = 0.25):
+        self.enabled, self.index, self.interval = enabled, index, interval
+        self.baseline = self.peak = None
+        self.samples = 0
+        self._stop = None
+
+    def _used(self) -> float | None:
+        f = nvidia_smi("memory.used", self.index)
+        try:
+            return float(f[0]) if f else None
+        except ValueError:
+            return None
+
+    def __enter__(self):
+        import threading
+
+        if not self.enabled or self._used() is None:
+            self.enabled = False
+            return self
+        self.baseline = self.peak = self._used()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.interval):
+                v = self._used()
+                if v is not None:
+                    self.samples += 1
+                    self.peak = max(self.peak, v)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=15)
+        return False
+
+    def result(self) -> dict | None:
+        if not self.enabled:
+            return None
+        return {"used_peak_mib": self.peak, "baseline_mib": self.baseline,
+                "peak_above_baseline_mib": round(self.peak - self.baseline, 1), "samples": self.samples,
+                "interval_s": self.interval}  # fmt: skip
+
+
 # --- masks ----------------------------------------------------------------------------------------
 def mask_agreement(a_path: Path, b_path: Path, b_threshold: float | None = None) -> dict:
     """Dice and voxel agreement of two masks on the same grid (``b >= b_threshold`` when given)."""

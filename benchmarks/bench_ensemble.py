@@ -237,7 +237,8 @@ def ours_worker(args) -> None:
             torch.cuda.synchronize()
         t = time.perf_counter()
         result = api.segment(dwi, adc, flair, outdir=outdir, members=args.members, device=args.device,
-                             fast=args.fast, save_members=True, overwrite=True, progress=progress)
+                             fast=args.fast, save_members=True, overwrite=True, progress=progress,
+                             precision=args.precision)
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -257,17 +258,22 @@ def ours_worker(args) -> None:
     Path(args.result).write_text(json.dumps(res, indent=2))
 
 
-def run_ours(env: Env, home: Path, members: list[str], dwi: Path, adc: Path, run_dir: Path, timeout) -> dict:
+def run_ours(env: Env, home: Path, members: list[str], dwi: Path, adc: Path, run_dir: Path, timeout,
+             flair: Path | None = None, precision: str = "fp32") -> dict:
+    """Ours in its own process (``_ours``): load the members once, then ``env.args.repeats`` case runs. ``flair``:
+    the case's FLAIR; without one FACTORIZER gets a copy of the DWI. ``precision``: api.segment's (CPU only)."""
     out = run_dir / "ours"
     out.mkdir(parents=True, exist_ok=True)
     result = out / "result.json"
-    flair = []
-    if "factorizer" in members:  # the FLAIR stand-in: a copy of the DWI (deepisles refuses one file twice)
+    fl = []
+    if flair is not None:
+        fl = ["--flair", str(flair)]
+    elif "factorizer" in members:  # the FLAIR stand-in: a copy of the DWI (deepisles refuses one file twice)
         shutil.copyfile(dwi, out / "flair_standin.nii.gz")
-        flair = ["--flair", str(out / "flair_standin.nii.gz")]
+        fl = ["--flair", str(out / "flair_standin.nii.gz")]
     cmd = [env.ours_python, str(Path(__file__).resolve()), "_ours", "--device", env.args.device,
            "--members", ",".join(members), "--dwi", str(dwi), "--adc", str(adc), "--outdir", str(out),
-           "--result", str(result), "--repeats", str(env.args.repeats), *flair]
+           "--result", str(result), "--repeats", str(env.args.repeats), "--precision", precision, *fl]
     if env.args.fast:
         cmd.append("--fast")
     log(f"ours: {', '.join(members)} on {env.args.device} (load once, {env.args.repeats} case runs)")
@@ -521,6 +527,7 @@ def main(argv=None):
             wp.add_argument(a)
         wp.add_argument("--repeats", type=int, default=2)
         wp.add_argument("--fast", action="store_true")
+        wp.add_argument("--precision", default="fp32")
         return ours_worker(wp.parse_args(argv[1:]))
     args = parse_args(argv)
     t_start = time.perf_counter()
