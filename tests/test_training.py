@@ -53,7 +53,8 @@ def test_cli_train_on_isles_layout_installs_a_member_segment_uses(dataset, tmp_p
     res = runner.invoke(app, ["train", "--member", "seals", "--data", str(dataset), "-o", str(out),
                               "--folds", "3", "--fold", "1", "--iterations", "3", "--val-every", "3",
                               "--checkpoint-every", "3", "--batch-size", "1", "--patch", "32,32,32",
-                              "--device", "cpu"])  # fmt: skip
+                              "--device", "cpu", "--no-amp"])  # fmt: skip
+    # float32: bfloat16 autocast is not deterministic between runs and once gave a NaN loss here under load
     assert res.exit_code == 0, res.output
     rows = _log(out / "fold_1" / "log.csv")
     assert rows[-1]["iteration"] == "3" and rows[-1]["val_cases"] == "1"
