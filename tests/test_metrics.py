@@ -265,8 +265,9 @@ def test_pair_isles_layout_by_subject(tmp_path):
     pred = tmp_path / "pred"
     a = _mask(pred / "sub-strokecase0001_ses-0001_msk.nii.gz")
     b = _mask(pred / "sub-strokecase0002.nii.gz")
-    c = _mask(pred / "sub-strokecase0003" / "lesion_msk.nii.gz")
-    _mask(pred / "sub-strokecase0003" / "lesion_prob.nii.gz")  # a probability map next to the mask is skipped
+    c = _mask(pred / "sub-strokecase0003" / "lesion_mask.nii.gz")  # a `deepisles segment` output folder:
+    _mask(pred / "sub-strokecase0003" / "lesion_prob.nii.gz")  # its probability and agreement maps are skipped
+    _mask(pred / "sub-strokecase0003" / "lesion_agreement.nii.gz")
     d = _mask(pred / "sub-strokecase00010.mha.nii.gz")
     expected = [
         ("sub-strokecase0001", a, gt / "derivatives/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_msk.nii.gz"),

@@ -48,6 +48,7 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SUB_RE = re.compile(r"(?<![A-Za-z0-9])(sub-[A-Za-z0-9]+)(?![A-Za-z0-9])")
 _SES_RE = re.compile(r"(?<![A-Za-z0-9])(ses-[A-Za-z0-9]+)(?![A-Za-z0-9])")
 _MASKY_RE = re.compile(r"msk|mask|seg|label|lesion|pred", re.IGNORECASE)
+_NOT_A_MASK_RE = re.compile(r"prob|agreement", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -254,7 +255,8 @@ def _isles_gt(gt_dir: Path) -> dict[str, Path] | None:
 def _pick_one(case: str, candidates: list[Path], pred_dir: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
-    pool = [p for p in candidates if "prob" not in p.name.lower()] or candidates
+    # deepisles' own output folders also hold lesion_prob and lesion_agreement maps: never the mask
+    pool = [p for p in candidates if not _NOT_A_MASK_RE.search(p.name)] or candidates
     if len(pool) > 1:
         pool = [p for p in pool if _MASKY_RE.search(p.name)] or pool
     if len(pool) == 1:
