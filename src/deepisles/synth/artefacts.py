@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from deepisles.synth.anatomy import Template
+from deepisles.synth.fields import gaussian_blob
 
 SUSCEPTIBILITY_P = 0.75  # cases with at least one pile-up/loss region
 GIBBS_P = 0.5
@@ -74,12 +75,7 @@ def susceptibility(rng: np.random.Generator, template: Template, s0: np.ndarray,
             )
             centres.append(np.clip(np.round(mirror).astype(int), 0, np.array(template.shape) - 1))
         for c in centres:
-            r = radius_mm / template.spacing * rng.uniform(0.6, 1.4, 3)
-            lo = np.maximum(c - np.ceil(2.5 * r).astype(int), 0)
-            hi = np.minimum(c + np.ceil(2.5 * r).astype(int) + 1, template.shape)
-            sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-            g = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
-            w = np.exp(-sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r, strict=True))).astype(np.float32)
+            sl, w = gaussian_blob(c, radius_mm / template.spacing * rng.uniform(0.6, 1.4, 3), template.shape)
             field[sl] += amp * w
             mismatch[sl] += e * w
         blobs.append({"region": name, "radius_mm": round(radius_mm, 1), "amplitude": round(amp, 2),

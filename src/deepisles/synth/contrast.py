@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from deepisles.errors import DeepIslesError
 from deepisles.synth.anatomy import Template
-from deepisles.synth.fields import smooth_noise
+from deepisles.synth.fields import gaussian_blob, smooth_noise
 
 B_VALUE = 1000.0  # s/mm^2
 
@@ -182,12 +182,7 @@ def signal_maps(
         if tissue_pool is None or len(tissue_pool) == 0:
             break
         c = tissue_pool[int(rng.integers(len(tissue_pool)))]
-        r = rng.uniform(2.0, 8.0) / template.spacing * rng.uniform(0.6, 1.4, 3)
-        lo = np.maximum(c - np.ceil(2.5 * r).astype(int), 0)
-        hi = np.minimum(c + np.ceil(2.5 * r).astype(int) + 1, shape)
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        g = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
-        w = np.exp(-sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r, strict=True))).astype(np.float32)
+        sl, w = gaussian_blob(c, rng.uniform(2.0, 8.0) / template.spacing * rng.uniform(0.6, 1.4, 3), shape)
         w *= ~inside[sl]
         t2[sl] += float(rng.uniform(0.3, 0.9)) * w
         adc_up[sl] += float(rng.uniform(0.0, 0.4)) * w

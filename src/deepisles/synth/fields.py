@@ -1,4 +1,4 @@
-"""Smooth random fields (lesion boundaries, texture, territory jitter, bias fields)."""
+"""Smooth random fields (lesion boundaries, texture, territory jitter, bias fields) and Gaussian blobs."""
 
 from __future__ import annotations
 
@@ -44,3 +44,15 @@ def interp_separable(c: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
         w = w.reshape(shape)
         out = np.take(out, i0, axis=a) * (1 - w) + np.take(out, i1, axis=a) * w
     return out
+
+
+def gaussian_blob(centre, radius_vox, shape, reach: float = 2.5) -> tuple[tuple[slice, ...], np.ndarray]:
+    """An axis-aligned Gaussian blob ``exp(-sum(((x - centre) / radius)^2))`` (float32) on the box of ``reach``
+    radii around ``centre`` (voxel indices), clipped to ``shape``; returns the box's slices and the weights."""
+    centre, radius_vox = np.asarray(centre), np.asarray(radius_vox)
+    lo = np.maximum(centre - np.ceil(reach * radius_vox).astype(int), 0)
+    hi = np.minimum(centre + np.ceil(reach * radius_vox).astype(int) + 1, shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    d2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius_vox, strict=True))
+    return sl, np.exp(-d2).astype(np.float32)

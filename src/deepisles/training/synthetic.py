@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 
 from deepisles.core import Case
 from deepisles.io.load import LoadedInputs
-from deepisles.synth.fields import smooth_noise
+from deepisles.synth.fields import gaussian_blob, smooth_noise
 from deepisles.synth.generator import SynthCase, case_rng, generate_case
 
 
@@ -103,12 +103,7 @@ def _distractor(dwi, adc, brain, label, spacing, rng, r: Randomisation) -> None:
         return
     centre = pool[int(rng.integers(len(pool)))]
     radius = rng.uniform(*r.distractor_radius_mm) / spacing * rng.uniform(0.6, 1.4, 3)
-    lo = np.maximum(centre - np.ceil(2 * radius).astype(int), 0)
-    hi = np.minimum(centre + np.ceil(2 * radius).astype(int) + 1, dwi.shape)
-    grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
-    d2 = sum(((g - c) / rad) ** 2 for g, c, rad in zip(grid, centre, radius, strict=True))
-    w = np.exp(-d2).astype(np.float32)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    sl, w = gaussian_blob(centre, radius, dwi.shape, reach=2.0)
     w *= brain[sl] & ~label[sl]
     dwi[sl] *= 1.0 + (rng.uniform(*r.distractor_dwi) - 1.0) * w
     adc[sl] *= 1.0 + rng.uniform(0.0, 0.15) * w
