@@ -21,7 +21,8 @@ LESION, CLEAN, BROKEN = "sub-synth0001_ses-0001", "sub-synth0002_ses-0001", "sub
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """Case 1 with a lesion, case 2 without, case 3 a copy of case 2 with a truncated DWI (fails to read)."""
+    """Case 1 with a lesion (and FLAIR), case 2 without either, case 3 a copy of case 2 with a truncated DWI
+    (fails to read)."""
     from deepisles.synth import write_dataset
 
     root = tmp_path_factory.mktemp("engines") / "ds"
@@ -33,6 +34,8 @@ def dataset(tmp_path_factory) -> Path:
         shutil.copyfile(f, target)
     dwi = next(dst.rglob("*_dwi.nii.gz"))
     dwi.write_bytes(dwi.read_bytes()[:5000])
+    next((root / "rawdata" / "sub-synth0002").rglob("*_flair.nii.gz")).unlink()  # FLAIR (and its ~9 s of
+    # registration per run) on the lesion case only
     return root
 
 

@@ -161,6 +161,41 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
     assert iters == sorted(set(iters)) and iters[-1] == 4
 
 
+def test_a_non_finite_step_is_skipped_and_a_run_of_them_stops_training(tmp_path, monkeypatch):
+    """A batch that makes the loss or gradients NaN (reduced precision, one bad patch) does not poison the
+    weights: that step is skipped and counted; MAX_SKIPPED_IN_A_ROW of them in a row stop with a clear error."""
+    import deepisles.training.loop as loop
+
+    real_batch = loop._batch
+    calls = {"n": 0}
+    bad = {2}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        x, y = real_batch(*a, **k)
+        if calls["n"] in bad:
+            x = x.clone()
+            x[..., 0, 0, 0] = float("nan")
+        return x, y
+
+    monkeypatch.setattr(loop, "_batch", poisoned)
+    cfg = _small(member="nvauto", out=tmp_path / "nv", iterations=4, checkpoint_every=4, val_every=0, amp=False)
+    summary = train(cfg)
+    assert summary["skipped_steps"] == 1
+    weights = load_file(str(cfg.run_dir / "checkpoint" / "network.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    opt = load_file(str(cfg.run_dir / "checkpoint" / "optimizer.safetensors"))
+    assert {float(v) for k, v in opt.items() if k.endswith(".step")} == {3.0}  # 4 iterations, 1 skipped
+    rows = _log(cfg.run_dir / "log.csv")
+    assert rows[-1]["skipped_steps"] == "1" and np.isfinite(float(rows[-1]["loss"]))
+
+    calls["n"], bad = 0, set(range(1, 100))
+    cfg = _small(member="nvauto", out=tmp_path / "nv2", iterations=20, val_every=0, checkpoint_every=0, amp=False)
+    with pytest.raises(DeepIslesError, match=r"diverged: 5 steps in a row.*--no-amp"):
+        train(cfg)
+    assert calls["n"] == loop.MAX_SKIPPED_IN_A_ROW == 5
+
+
 def test_synthetic_training_each_member_writes_a_store_member(tmp_path):
     from deepisles import store
     from deepisles.members.factorizer import FactorizerMember
@@ -225,6 +260,7 @@ def test_compact_recipes_fit_the_size_budget():
     assert compact_meta("seals")["settings"]["preprocessing"]["target_spacing"] == [2.0, 2.0, 2.0]
 
 
+@pytest.mark.slow  # two training processes on two cores: ~20 s, and timing-sensitive under load
 def test_ddp_two_processes_on_cpu_gloo(tmp_path):
     """torchrun with 2 processes (gloo backend on CPU): both train, rank 0 writes, DDP keeps weights equal."""
     script = tmp_path / "ddp_run.py"

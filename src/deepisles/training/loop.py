@@ -38,7 +38,10 @@ from deepisles.training.members import Sample, Trainable, make_trainable
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["iteration", "loss", "lr", "seconds", "val_dice", "val_f1", "val_abs_volume_ml",
-              "val_abs_count", "val_cases"]  # fmt: skip
+              "val_abs_count", "val_cases", "skipped_steps"]  # fmt: skip
+# a step whose gradients are not finite (a NaN/inf from reduced precision, one bad patch) is skipped, as
+# PyTorch's GradScaler does for float16; this many in a row means training has diverged: stop and say so
+MAX_SKIPPED_IN_A_ROW = 5
 
 
 @dataclass
@@ -372,6 +375,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     t0 = time.perf_counter()
     last: dict = dict(log_state.get("last", {}))
     running = []
+    skipped = int(log_state.get("skipped_steps", 0))
+    in_a_row = 0
 
     progress.advance(start_it, cfg.iterations, f"train {cfg.member} fold {cfg.fold}")
     try:
@@ -387,20 +392,29 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-            scaler.step(opt)
-            scaler.update()
+            # after DDP's all-reduce every process sees the same norm, so all of them skip the same steps
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)))
+            if finite or scaler.is_enabled():
+                scaler.step(opt)  # an enabled scaler skips a non-finite step itself (and lowers its scale)
+                scaler.update()
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DeepIslesError(f"training diverged: loss is {value} at iteration {it + 1}; lower --lr or "
-                                     "check the data")
-            running.append(value)
+            if finite and math.isfinite(value):
+                running.append(value)
+                in_a_row = 0
+            else:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                log.warning("iteration %d: %s; step skipped", it + 1, f"loss {value}" if not math.isfinite(value)
+                            else "gradients not finite")
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise DeepIslesError(f"training diverged: {in_a_row} steps in a row with a non-finite loss or "
+                                         f"gradients (iteration {it + 1}, loss {value}); lower --lr, try --no-amp "
+                                         "or check the data")
             done = it + 1
             is_val = cfg.val_every and (done % cfg.val_every == 0 or done == cfg.iterations)
             is_ck = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
             if rank == 0:
-                row = {"iteration": done, "loss": float(np.mean(running)), "lr": lr,
-                       "seconds": round(elapsed0 + time.perf_counter() - t0, 2)}
+                row = {"iteration": done, "loss": float(np.mean(running)) if running else float("nan"), "lr": lr,
+                       "seconds": round(elapsed0 + time.perf_counter() - t0, 2), "skipped_steps": skipped}
                 if is_val and val_cases:
                     row.update(validate(trainable, val_cases, device))
                     last = {k: v for k, v in row.items() if k.startswith("val_")}
@@ -408,7 +422,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                     logs.write(row)
                     running = []
                 if is_ck:
-                    save_checkpoint(run_dir, net, opt, {"iteration": done, "seconds": row["seconds"],
+                    save_checkpoint(run_dir, net, opt, {"iteration": done, "seconds": row["seconds"], "skipped_steps": skipped,
                                                         "last": last, "config": _jsonable(cfg)})
                 info = f"loss {row['loss']:.3f}" + (f" val Dice {last['val_dice']:.3f}" if last else "")
                 progress.advance(done, cfg.iterations, f"train {cfg.member} fold {cfg.fold}: {info}")
@@ -419,7 +433,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
             logs.close()
     seconds = elapsed0 + time.perf_counter() - t0
     summary = {"member": cfg.member, "fold": cfg.fold, "iterations": cfg.iterations, "seconds": round(seconds, 1),
-               "device": str(device), "world_size": world, **last, **data_desc}
+               "device": str(device), "world_size": world, "skipped_steps": skipped, **last, **data_desc}
     if rank == 0:
         summary.update(_finish(cfg, trainable, summary))
     if distributed:
