@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from deepisles.cli import app
@@ -101,3 +102,42 @@ def test_fine_tune_from_the_default_model(default_models, tmp_path):
     tuned = load_file(summary["weights"])
     diffs = [float((start[k] - tuned[k]).abs().max()) for k in start]
     assert 0 < max(diffs) < 0.05
+
+
+@pytest.mark.parametrize("member", ["seals", "nvauto"])
+def test_decision_threshold_setting_decides_the_mask_and_the_votes(member, default_models, tmp_path):
+    """settings.decision_threshold: mask = probability >= t and each network votes at t; 0.5 (absent) is the
+    reference argmax. The probability itself does not change (up to the argmax matching at 0.5)."""
+    import shutil
+
+    from deepisles.io.image import Image
+    from deepisles.members import Case
+    from deepisles.members.config import ConfigError
+    from deepisles.members.registry import spec
+    from small_case import case_arrays
+
+    dwi, adc = case_arrays(shape=(48, 52, 36))  # 2 mm voxels: small enough for two runs of each member
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    case = Case(dwi=Image(dwi, affine), adc=Image(adc, affine), brain=dwi > 0)
+    cls = spec(member).runtime_class()
+    folder = tmp_path / member
+    shutil.copytree(default_models / member, folder)
+    meta = json.loads((folder / "member.json").read_text())
+    meta["settings"].pop("decision_threshold", None)
+    assert cls.parse(meta).settings.decision_threshold == 0.5  # absent: the reference argmax
+    at_half = cls.from_config(cls.parse(meta), folder)
+    ref = at_half.run(case)
+    assert ref.threshold == 0.5 and ref.mask.sum() > 0
+    for t in (0.3,):  # below 0.5: a superset
+        meta["settings"]["decision_threshold"] = t
+        res = cls.from_config(cls.parse(meta), folder).run(case)
+        assert res.threshold == t and np.array_equal(res.mask > 0, res.probability >= np.float32(t))
+        assert np.allclose(res.probability, ref.probability, atol=1e-6)
+        assert res.mask.sum() > ref.mask.sum() and np.all(res.mask >= ref.mask)  # the lower threshold adds voxels
+        assert int(res.votes.max()) <= res.networks
+        if res.networks == 1:
+            assert np.array_equal(res.votes, res.mask)
+    for bad in (0.0, 1.0, 1.5):
+        meta["settings"]["decision_threshold"] = bad
+        with pytest.raises(ConfigError, match="decision_threshold"):
+            cls.parse(meta)

@@ -84,3 +84,35 @@ def test_resolve_members_rejects_unknown_and_unavailable():
         resolve_members("seals")
     members, skipped = resolve_members("classical,seals")
     assert [m.name for m in members] == ["classical"] and skipped[0]["member"] == "seals"
+
+
+def _at(name, prob, t):
+    prob = np.asarray(prob, dtype=np.float32)
+    return MemberResult(name, prob, (prob >= t).astype(np.uint8), threshold=t)
+
+
+def test_member_thresholds_two_members_at_t_is_mean_probability_at_t():
+    """The ensemble docstring: two members at the same decision threshold t vote exactly 'mean probability >= t'."""
+    rng = np.random.default_rng(0)
+    for t in (0.3, 0.5, 0.7):
+        p1, p2 = rng.random(2000).astype(np.float32), rng.random(2000).astype(np.float32)
+        mask, prob, rule = combine([_at("seals", p1, t), _at("nvauto", p2, t)])
+        assert np.array_equal(mask > 0, prob >= np.float32(t))
+        assert (f"seals >= {t:g}" in rule and f"ties broken by mean probability >= {t:g}" in rule) == (t != 0.5)
+
+
+def test_member_thresholds_three_members_majority_of_own_decisions():
+    p = np.array([[0.35, 0.35, 0.2, 0.6], [0.35, 0.1, 0.45, 0.45], [0.9, 0.1, 0.45, 0.1]], dtype=np.float32)
+    res = [_at("a", p[0], 0.3), _at("b", p[1], 0.3), _at("c", p[2], 0.5)]
+    mask, _, rule = combine(res)
+    assert mask.tolist() == [1, 0, 0, 1]  # votes: 3; 1 (a); 1 (b: 0.45 >= 0.3, c: 0.45 < 0.5); 2 (a, b)
+    assert "c >= 0.5" in rule and "ties" not in rule
+
+
+def test_all_thresholds_at_one_half_keep_the_deepisles_rule():
+    a, b = _at("a", [0.9, 0.6, 0.4], 0.5), _at("b", [0.1, 0.45, 0.1], 0.5)
+    mask, _, rule = combine([a, b])
+    assert mask.tolist() == [1, 1, 0]  # mean 0.5, 0.525, 0.25
+    from deepisles.ensemble import RULE
+
+    assert rule == RULE

@@ -6,6 +6,12 @@ half) is broken by the mean of the members' probabilities (lesion when >= 0.5); 
 means: lesion where both agree, and where they disagree, where their mean probability is >= 0.5.
 The ensemble probability written to ``lesion_prob.nii.gz`` is the mean of the member probabilities.
 
+Each member's mask is its probability >= its decision threshold (``MemberResult.threshold``): 0.5 for the
+official models and the classical member. A model may set another (the packaged default SEALS and NVAUTO,
+``settings.decision_threshold``); the tie-break then uses the mean of the members' thresholds, so that for two
+members at the same threshold ``t`` the rule is exactly "mean probability >= t". With every threshold at 0.5
+the rule is DeepISLES' unchanged.
+
 Agreement (``lesion_agreement.nii.gz``): per voxel, the share of all networks of the run members that vote lesion
 (each network decided by its member's rule on its own; a member without several networks is one vote), pooled
 over the members: with the official weights 5 SEALS folds + 15 NVAUTO models + 10 FACTORIZER models = 30.
@@ -23,6 +29,11 @@ RULE = (
 )
 
 
+def tie_threshold(results: list[MemberResult]) -> float:
+    """The mean probability that breaks a tie: the mean of the members' decision thresholds (0.5 for DeepISLES)."""
+    return float(np.mean([r.threshold for r in results]))
+
+
 def combine(results: list[MemberResult]) -> tuple[np.ndarray, np.ndarray, str]:
     """Ensemble (mask uint8, probability float32, rule description) from the members' results."""
     if not results:
@@ -34,9 +45,15 @@ def combine(results: list[MemberResult]) -> tuple[np.ndarray, np.ndarray, str]:
     votes = np.sum([r.mask.astype(np.uint8) for r in results], axis=0)
     n = len(results)
     mask = 2 * votes > n
+    rule = RULE
     if n % 2 == 0:
-        mask |= (2 * votes == n) & (prob >= 0.5)
-    return mask.astype(np.uint8), prob, RULE
+        tie = tie_threshold(results)
+        mask |= (2 * votes == n) & (prob >= np.float32(tie))
+    if any(r.threshold != 0.5 for r in results):
+        each = ", ".join(f"{r.name} >= {r.threshold:g}" for r in results)
+        rule = (f"voxel-wise strict majority of the member masks ({each})"
+                + (f"; ties broken by mean probability >= {tie_threshold(results):g}" if n % 2 == 0 else ""))
+    return mask.astype(np.uint8), prob, rule
 
 
 def agreement(results: list[MemberResult]) -> tuple[np.ndarray, dict[str, int]]:

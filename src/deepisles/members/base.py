@@ -43,6 +43,7 @@ class MemberResult:
     info: dict = field(default_factory=dict)
     votes: np.ndarray | None = None  # uint8: how many of the member's networks vote lesion per voxel (None: the mask)
     networks: int = 1  # how many networks ``votes`` counts
+    threshold: float = 0.5  # the member's decision: mask = probability >= threshold
 
     def __post_init__(self) -> None:
         if self.votes is None:
@@ -149,11 +150,11 @@ class Member(ABC):
         self.last_info = dict(context.info)
         mask = (prob >= self.threshold).astype(np.uint8)
         if votes is None or votes.count is None:
-            return MemberResult(self.name, prob, mask, self.report_info())
+            return MemberResult(self.name, prob, mask, self.report_info(), threshold=self.threshold)
         if tuple(votes.count.shape) != tuple(context.shape):
             raise RuntimeError(f"member {self.name} voted on shape {votes.count.shape}, DWI grid is "
                                f"{tuple(context.shape)}")  # fmt: skip
-        return MemberResult(self.name, prob, mask, self.report_info(), votes.count, votes.networks)
+        return MemberResult(self.name, prob, mask, self.report_info(), votes.count, votes.networks, self.threshold)
 
     def report_info(self) -> dict:
         info = {"description": self.description, "inputs": list(self.modalities)}
@@ -219,6 +220,8 @@ class StoredMember(Member):
             raise ValueError(f"{self.name}: {len(networks)} networks for {len(config.models)} model entries")
         self.config = config
         self.settings = config.settings
+        # SEALS and NVAUTO: ``settings.decision_threshold`` (0.5, the reference argmax, unless a model says otherwise)
+        self.threshold = float(getattr(self.settings, "decision_threshold", 0.5))
         self.networks = list(networks)
         self.device = torch.device(device)
         self.fast = bool(fast)

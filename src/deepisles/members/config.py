@@ -154,6 +154,10 @@ def check_sizes(values: tuple, where: str, n: int = 3, positive: bool = True) ->
             f"expected {n} {'positive ' if positive else ''}values, got {list(values)}")
 
 
+def check_decision_threshold(value: float, where: str) -> None:
+    require(0.0 < value < 1.0, f"{where}.decision_threshold", f"expected a probability in (0, 1), got {value}")
+
+
 # --- the envelope ------------------------------------------------------------------------------------------
 class Settings:
     """Base of the members' settings dataclasses: ``from_json``, ``to_json``, ``validate`` and the migration

@@ -56,7 +56,7 @@ from deepisles.members.base import (
     VoteCount,
     match_decision,
 )
-from deepisles.members.config import ModelEntry, Settings, check_sizes, require
+from deepisles.members.config import ModelEntry, Settings, check_decision_threshold, check_sizes, require
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,12 @@ class NvautoSettings(Settings):
     out_channels: int = 2
     foreground_channel: int = 1
     fast_models: tuple[int, ...] = (0, 3, 6, 9, 12)  # the models --fast runs (indices into "models")
+    # mask = mean foreground probability >= this. 0.5 is the reference argmax (the official models); the packaged
+    # default model may set another, picked on synthetic validation (scripts/select_default_decision.py)
+    decision_threshold: float = 0.5
 
     def validate(self, where: str) -> None:
+        check_decision_threshold(self.decision_threshold, where)
         check_sizes(self.pixdim, f"{where}.pixdim")
         check_sizes(self.roi_size, f"{where}.roi_size")
         require(0 <= self.overlap < 1, f"{where}.overlap", f"expected a value in [0, 1), got {self.overlap}")
@@ -404,13 +408,16 @@ class NvautoMember(StoredMember):
     def export(self, probabilities, context: NvautoContext) -> MemberResult:
         total, n = 0, 0
         fg = int(self.settings.foreground_channel)
-        votes = VoteCount()  # a model's vote: the argmax of its own inverted softmax
+        votes = VoteCount()  # a model's vote: the argmax of its own inverted softmax (or its probability >= threshold)
+        argmax = self.threshold == 0.5
         for probs in probabilities:
             inv = from_1mm(probs, context.affine1, context.affine, context.shape, self.settings.resample)
-            votes.add((torch.argmax(inv, dim=0) == fg).cpu().numpy())
+            votes.add(((torch.argmax(inv, dim=0) == fg) if argmax else (inv[fg] >= self.threshold)).cpu().numpy())
             total = total + inv  # as the reference: inverted per model, summed in float32, then divided
             n += 1
         mean = total / n
+        if not argmax:
+            return self.result(mean[fg].float().cpu().numpy(), context, votes)  # mask: prob >= decision_threshold
         decision = torch.argmax(mean, dim=0) == fg  # ties go to the first channel, as torch.argmax does
         return self.result(match_decision(mean[fg].float().cpu().numpy(), decision.cpu().numpy()), context, votes)
 

@@ -53,7 +53,7 @@ from deepisles.engine.sliding_window import (
 )
 from deepisles.io.image import Image
 from deepisles.members.base import Case, Context, MemberResult, StoredMember, VoteCount, match_decision
-from deepisles.members.config import ModelEntry, Settings, check_sizes, require
+from deepisles.members.config import ModelEntry, Settings, check_decision_threshold, check_sizes, require
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,14 @@ class SealsSettings(Settings):
     preprocessing: SealsPreprocessing
     inference: SealsInference
     export: SealsExport = SealsExport()
+    # mask = mean foreground probability >= this. 0.5 is nnU-Net's argmax (the official models); the packaged
+    # default model may set another, picked on synthetic validation (scripts/select_default_decision.py)
+    decision_threshold: float = 0.5
 
     V1_KEYS = ("preprocessing", "inference", "export")
+
+    def validate(self, where: str) -> None:
+        check_decision_threshold(self.decision_threshold, where)
 
     @classmethod
     def migrate_v1(cls, meta: dict) -> dict:
@@ -599,11 +605,13 @@ class SealsMember(StoredMember):
         for sm in softmaxes:
             sm = export_softmax(sm, context.props, pre, export)
             fold_bg, fold_fg = from_1mm(uncrop(sm, size, bbox), context.shape, context.spacing)
-            votes.add(fold_fg > fold_bg)
+            votes.add(fold_fg > fold_bg if self.threshold == 0.5 else fold_fg >= self.threshold)
             acc = sm if acc is None else acc + sm
             n += 1
         mean = acc / n
         full = uncrop(mean, size, bbox)
         bg, fg = from_1mm(full, context.shape, context.spacing)
         prob = np.ascontiguousarray(fg, dtype=np.float32)
+        if self.threshold != 0.5:
+            return self.result(prob, context, votes)  # mask: prob >= decision_threshold
         return self.result(match_decision(prob, fg > bg), context, votes)  # the reference argmax (ties -> background)
