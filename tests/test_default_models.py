@@ -141,3 +141,37 @@ def test_decision_threshold_setting_decides_the_mask_and_the_votes(member, defau
         meta["settings"]["decision_threshold"] = bad
         with pytest.raises(ConfigError, match="decision_threshold"):
             cls.parse(meta)
+
+
+def test_select_default_decision_picks_and_applies_a_threshold(default_models, tmp_path, monkeypatch):
+    """scripts/select_default_decision.py: the pick maximises (Dice + F1) / 2 over both settings (ties: nearest
+    0.5); --apply writes it into the packaged SEALS and NVAUTO member.json and leaves the weights verified."""
+    import importlib.util
+    import shutil
+
+    from deepisles import store
+    from deepisles.members import base
+    from deepisles.members.registry import spec
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "select_default_decision.py"
+    mod_spec = importlib.util.spec_from_file_location("select_default_decision", path)
+    sel = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(sel)
+
+    def table(scores):
+        return {s: {"rules": {sel.vote_rule(t): {"dice": d, "lesion_f1": f} for t, (d, f) in scores.items()}}
+                for s in ("with FLAIR", "DWI + ADC only")}
+
+    assert sel.pick_threshold(table({0.3: (0.5, 0.3), 0.4: (0.45, 0.3), 0.5: (0.4, 0.3), 0.6: (0.3, 0.3),
+                                     0.7: (0.2, 0.3)}))[0] == 0.3
+    assert sel.pick_threshold(table({t: (0.0, 0.0) for t in sel.THRESHOLDS}))[0] == 0.5  # no signal: the reference
+
+    for name in ("seals", "nvauto", "factorizer"):
+        shutil.copytree(default_models / name, tmp_path / name)
+    monkeypatch.setattr(base, "DEFAULT_MODELS_DIR", tmp_path)
+    written = sel.apply(0.4)
+    assert sorted(p.parent.name for p in written) == ["nvauto", "seals"]
+    for name in ("seals", "nvauto"):
+        meta, folder = store.read_member_folder(tmp_path / name, verify=True)
+        assert spec(name).runtime_class().parse(meta).settings.decision_threshold == 0.4
+    assert (tmp_path / "factorizer" / "member.json").read_bytes() == (default_models / "factorizer" / "member.json").read_bytes()
