@@ -398,7 +398,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                 scaler.step(opt)  # an enabled scaler skips a non-finite step itself (and lowers its scale)
                 scaler.update()
             value = float(loss.detach())
-            if finite and math.isfinite(value):
+            # float16 on CUDA: an overflow of the scaled gradients with a finite loss is the scaler finding its
+            # scale (it skipped the step and lowered the scale), not a sign of divergence
+            if math.isfinite(value) and (finite or scaler.is_enabled()):
                 running.append(value)
                 in_a_row = 0
             else:
