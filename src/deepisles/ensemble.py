@@ -45,15 +45,14 @@ def combine(results: list[MemberResult]) -> tuple[np.ndarray, np.ndarray, str]:
     votes = np.sum([r.mask.astype(np.uint8) for r in results], axis=0)
     n = len(results)
     mask = 2 * votes > n
-    rule = RULE
+    tie = tie_threshold(results)
     if n % 2 == 0:
-        tie = tie_threshold(results)
         mask |= (2 * votes == n) & (prob >= np.float32(tie))
-    if any(r.threshold != 0.5 for r in results):
-        each = ", ".join(f"{r.name} >= {r.threshold:g}" for r in results)
-        rule = (f"voxel-wise strict majority of the member masks ({each})"
-                + (f"; ties broken by mean probability >= {tie_threshold(results):g}" if n % 2 == 0 else ""))
-    return mask.astype(np.uint8), prob, rule
+    if all(r.threshold == 0.5 for r in results):
+        return mask.astype(np.uint8), prob, RULE
+    each = ", ".join(f"{r.name} >= {r.threshold:g}" for r in results)
+    ties = f"; ties broken by mean probability >= {tie:g}" if n % 2 == 0 else ""
+    return mask.astype(np.uint8), prob, f"voxel-wise strict majority of the member masks ({each}){ties}"
 
 
 def agreement(results: list[MemberResult]) -> tuple[np.ndarray, dict[str, int]]:

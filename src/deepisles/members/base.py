@@ -228,6 +228,11 @@ class StoredMember(Member):
         self.modalities = self.required = tuple(config.inputs)
         self.last_info = {}
 
+    def decide(self, prob, reference):
+        """The member's decision on ``prob`` (numpy or torch): the reference's own (its argmax, ``reference``) at the
+        default threshold 0.5, else ``prob >= settings.decision_threshold``. Used for the member and each network."""
+        return reference if self.threshold == 0.5 else prob >= self.threshold
+
     # -- configuration -------------------------------------------------------------------------------------
     @classmethod
     def parse(cls, meta: dict, where: str | Path = "member.json") -> MemberConfig:

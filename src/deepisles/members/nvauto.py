@@ -409,17 +409,15 @@ class NvautoMember(StoredMember):
         total, n = 0, 0
         fg = int(self.settings.foreground_channel)
         votes = VoteCount()  # a model's vote: the argmax of its own inverted softmax (or its probability >= threshold)
-        argmax = self.threshold == 0.5
         for probs in probabilities:
             inv = from_1mm(probs, context.affine1, context.affine, context.shape, self.settings.resample)
-            votes.add(((torch.argmax(inv, dim=0) == fg) if argmax else (inv[fg] >= self.threshold)).cpu().numpy())
+            votes.add(self.decide(inv[fg], torch.argmax(inv, dim=0) == fg).cpu().numpy())
             total = total + inv  # as the reference: inverted per model, summed in float32, then divided
             n += 1
         mean = total / n
-        if not argmax:
-            return self.result(mean[fg].float().cpu().numpy(), context, votes)  # mask: prob >= decision_threshold
-        decision = torch.argmax(mean, dim=0) == fg  # ties go to the first channel, as torch.argmax does
-        return self.result(match_decision(mean[fg].float().cpu().numpy(), decision.cpu().numpy()), context, votes)
+        prob = mean[fg].float()
+        decision = self.decide(prob, torch.argmax(mean, dim=0) == fg)  # argmax ties go to the first channel
+        return self.result(match_decision(prob.cpu().numpy(), decision.cpu().numpy(), self.threshold), context, votes)
 
     def report_info(self) -> dict:
         return {

@@ -605,13 +605,12 @@ class SealsMember(StoredMember):
         for sm in softmaxes:
             sm = export_softmax(sm, context.props, pre, export)
             fold_bg, fold_fg = from_1mm(uncrop(sm, size, bbox), context.shape, context.spacing)
-            votes.add(fold_fg > fold_bg if self.threshold == 0.5 else fold_fg >= self.threshold)
+            votes.add(self.decide(fold_fg, fold_fg > fold_bg))
             acc = sm if acc is None else acc + sm
             n += 1
         mean = acc / n
         full = uncrop(mean, size, bbox)
         bg, fg = from_1mm(full, context.shape, context.spacing)
         prob = np.ascontiguousarray(fg, dtype=np.float32)
-        if self.threshold != 0.5:
-            return self.result(prob, context, votes)  # mask: prob >= decision_threshold
-        return self.result(match_decision(prob, fg > bg), context, votes)  # the reference argmax (ties -> background)
+        # at 0.5 the reference argmax (ties -> background)
+        return self.result(match_decision(prob, self.decide(prob, fg > bg), self.threshold), context, votes)
