@@ -50,6 +50,7 @@ def test_auto_uses_the_default_models_and_never_mixes_them(default_models):
     assert [m.weights_origin["kind"] for m in members] == ["default", "imported"]
 
 
+@pytest.mark.slow  # ~25 s; the default models also run in tests/test_default_install.py and the threshold test
 def test_default_ensemble_segments_a_held_out_synthetic_case(default_models, tmp_path):
     """Real behaviour: a synthetic case from a seed never used in training is found by every member."""
     from deepisles.api import segment
